@@ -1,0 +1,140 @@
+"""`ModelConfig`: the one typed description of which model runs and how.
+
+The Serve app, the batch pipeline, the CLI and YAML files all build from this object, so a
+knob lives here once. Nothing here imports torch, transformers or ray.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+DEFAULT_MODEL_ID = "lvwerra/bert-imdb"
+
+LongTextStrategy = Literal["head", "tail", "head_tail", "chunks"]
+DeviceName = str
+DTypeName = Literal["auto", "fp32", "bf16", "fp16"]
+
+
+class ModelConfig(BaseModel):
+    """Which checkpoint to load, on what device and precision, and how texts are fed to it."""
+
+    # `model_id` would otherwise clash with pydantic's protected `model_` namespace.
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), frozen=True)
+
+    model_id: str = Field(
+        DEFAULT_MODEL_ID,
+        min_length=1,
+        description="Hugging Face hub id or local directory of a sequence-classification checkpoint.",
+    )
+    revision: str | None = Field(
+        None, description="Hub revision (branch, tag or commit) to load; ignored for a local directory."
+    )
+    labels: list[str] = Field(
+        default_factory=lambda: ["neg", "pos"],
+        min_length=2,
+        description=(
+            "Label names in class-index order. Used when the checkpoint's own id2label names are "
+            "generic (LABEL_0, 0, NEGATIVE, ...); specific names in the checkpoint are kept."
+        ),
+    )
+    device: DeviceName = Field(
+        "auto", description="'auto' (CUDA when this process sees a GPU, else CPU), 'cpu', 'cuda' or 'cuda:N'."
+    )
+    dtype: DTypeName = Field(
+        "auto", description="'auto' (bf16 on a GPU that supports it, else fp32), or force fp32, bf16 or fp16."
+    )
+    max_length: int = Field(
+        512,
+        ge=8,
+        description=(
+            "Most tokens one model input may hold, special tokens included. Capped at what the model "
+            "supports (max_position_embeddings and the tokenizer's model_max_length)."
+        ),
+    )
+    long_text: LongTextStrategy = Field(
+        "head_tail",
+        description=(
+            "What to do with a text longer than max_length: 'head' keeps the first tokens, 'tail' the "
+            "last, 'head_tail' the first head_tokens and the rest from the end (Sun et al. 2019: best "
+            "on IMDB), 'chunks' averages class probabilities over overlapping windows."
+        ),
+    )
+    head_tokens: int = Field(
+        128,
+        ge=0,
+        description=(
+            "Tokens kept from the start of a long text under 'head_tail' (the rest come from its end), "
+            "for 510 content tokens; a model or max_length with fewer keeps the same proportion."
+        ),
+    )
+    chunk_stride: int = Field(256, ge=1, description="Tokens between the starts of consecutive windows under 'chunks'.")
+    max_batch_tokens: int = Field(
+        16384,
+        ge=1,
+        description=(
+            "Token budget of one forward pass: batch size times its longest member (padding included). "
+            "A single input longer than the budget still runs, alone."
+        ),
+    )
+    max_batch_size: int = Field(64, ge=1, description="Most inputs in one forward pass, whatever their length.")
+    text_column: str = Field("text", min_length=1, description="Column that holds the texts in a column batch.")
+    gpu_memory_fraction: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description=(
+            "Cap this process's CUDA memory to this fraction of the card. Ray does not isolate fractional "
+            "GPUs, so a replica given 0.25 GPU should set 0.25. None: no cap."
+        ),
+    )
+    local_files_only: bool = Field(
+        False, description="Never contact the hub; load from a local directory or the local cache only."
+    )
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, value: str) -> str:
+        if value in ("auto", "cpu", "cuda") or (value.startswith("cuda:") and value[5:].isdigit()):
+            return value
+        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {value!r}")
+
+    @field_validator("labels")
+    @classmethod
+    def _check_labels(cls, value: list[str]) -> list[str]:
+        if any(not name for name in value):
+            raise ValueError("labels must be non-empty strings")
+        if len(set(value)) != len(value):
+            raise ValueError(f"labels must be unique, got {value}")
+        return value
+
+
+def format_validation_error(error: ValidationError, prefix: str = "") -> str:
+    """One line per problem, each naming the field path, e.g. ``model.dtype: Input should be ...``."""
+    lines = []
+    for item in error.errors():
+        path = ".".join(str(part) for part in item["loc"])
+        where = f"{prefix}{path}" if path else prefix.rstrip(".") or "config"
+        lines.append(f"{where}: {item['msg']}")
+    return "\n".join(lines)
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping, with errors that name the file."""
+    from sentiment.errors import InvalidInputError
+
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise InvalidInputError(f"cannot read config file {path}: {exc.strerror or exc}") from exc
+    except yaml.YAMLError as exc:
+        raise InvalidInputError(f"config file {path} is not valid YAML: {exc}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise InvalidInputError(f"config file {path} must hold a mapping at the top level, got {type(data).__name__}")
+    return data

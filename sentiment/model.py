@@ -1,0 +1,416 @@
+"""`SentimentClassifier`: the one model class behind the HTTP endpoint, the batch pipeline and the CLI.
+
+It loads a Hugging Face sequence-classification checkpoint, cuts long texts by a configured
+strategy, packs inputs into batches under a token budget (sorted by length, each batch padded only
+to its own longest member) and returns one `Prediction` per text in input order.
+
+Ray is never imported here: a Ray Data actor uses `__call__` on column batches, a Serve replica
+awaits `apredict`, and both are plain Python.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pyarrow as pa
+
+from sentiment.config import LongTextStrategy, ModelConfig
+from sentiment.errors import InvalidInputError, ModelLoadError
+from sentiment.labels import resolve_labels
+from sentiment.windows import content_windows
+
+if TYPE_CHECKING:
+    import torch
+
+logger = logging.getLogger(__name__)
+
+# Output columns of `__call__`, besides one `score_<label>` column per label.
+PREDICTION_COLUMNS = ("label", "score", "num_tokens", "truncated", "error")
+
+
+@dataclass(frozen=True, slots=True)
+class Prediction:
+    """The model's answer for one text."""
+
+    label: str
+    """The most probable label."""
+    score: float
+    """Probability of `label`."""
+    scores: dict[str, float]
+    """Probability of every label, in the model's class order."""
+    num_tokens: int
+    """Tokens of the whole text, special tokens included, before any cut."""
+    truncated: bool
+    """Whether the text was longer than the model's limit and was cut (or split into chunks)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True, slots=True)
+class EncodedText:
+    """One text as model inputs: one or more windows of token ids, special tokens included."""
+
+    windows: list[list[int]]
+    num_tokens: int
+    truncated: bool
+
+
+def plan_batches(lengths: Sequence[int], max_batch_tokens: int, max_batch_size: int) -> list[list[int]]:
+    """Group input indices into batches, longest first, each under the token budget.
+
+    A batch costs ``len(batch) * longest member`` (it is padded to its longest member). Sorting by
+    length first keeps members of a batch alike, so little of that cost is padding; an input
+    longer than the whole budget runs alone.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i], reverse=True)
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for index in order:
+        # Sorted descending, so the first member is the longest and sets the padded width.
+        longest = lengths[current[0]] if current else lengths[index]
+        if current and ((len(current) + 1) * longest > max_batch_tokens or len(current) >= max_batch_size):
+            batches.append(current)
+            current = []
+        current.append(index)
+    if current:
+        batches.append(current)
+    return batches
+
+
+def validate_texts(texts: Any, field: str = "texts") -> list[str]:
+    """Return ``texts`` as a list of strings, or raise `InvalidInputError` naming the bad item."""
+    if isinstance(texts, str) or not isinstance(texts, Sequence):
+        raise InvalidInputError(f"{field} must be a list of strings, got {type(texts).__name__}")
+    for index, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise InvalidInputError(f"{field}[{index}] must be a string, got {type(text).__name__}")
+    return list(texts)
+
+
+class SentimentClassifier:
+    """A sequence classifier that batches by tokens and handles reviews of any length.
+
+    >>> classifier = SentimentClassifier(ModelConfig(model_id="path/to/checkpoint"))
+    >>> classifier.predict(["A wonderful film."])[0].label
+    'pos'
+    """
+
+    def __init__(self, config: ModelConfig | None = None) -> None:
+        import torch
+
+        self.config = config or ModelConfig()
+        self.device = _resolve_device(self.config.device)
+        self.dtype = _resolve_dtype(self.config.dtype, self.device)
+        if self.device.type == "cuda" and self.config.gpu_memory_fraction is not None:
+            # Ray's fractional GPUs are a scheduling fiction: nothing stops one replica from taking
+            # the whole card, so each caps itself.
+            torch.cuda.set_per_process_memory_fraction(self.config.gpu_memory_fraction, self.device)
+        self.tokenizer, self.model = _load_checkpoint(self.config, self.dtype)
+        self.model.to(self.device)
+        self.model.eval()
+
+        model_config = self.model.config
+        self.labels: list[str] = resolve_labels(model_config.id2label, model_config.num_labels, self.config.labels)
+        self.max_length = _effective_max_length(self.config.max_length, model_config, self.tokenizer)
+        self._prefix, self._suffix = _special_tokens_around(self.tokenizer)
+        self.max_content = self.max_length - len(self._prefix) - len(self._suffix)
+        # head_tokens is meant for BERT's 510 content tokens (Sun et al.'s 128 + 382); a shorter
+        # limit keeps the same proportion rather than failing on the default.
+        self.head_tokens = min(self.config.head_tokens, round(self.config.head_tokens * self.max_content / 510))
+        pad_id = self.tokenizer.pad_token_id
+        self._pad_id = 0 if pad_id is None else int(pad_id)
+        # One worker: forward passes are serialized anyway (they share the cores or the GPU), and
+        # fast tokenizers raise "Already borrowed" when one instance is used from two threads.
+        self._executor: ThreadPoolExecutor | None = None
+
+    # -- description -------------------------------------------------------------------------
+
+    def describe(self) -> dict[str, Any]:
+        """What runs, for `/info` endpoints and run reports."""
+        return {
+            "model": self.config.model_id,
+            "revision": self.config.revision,
+            "labels": list(self.labels),
+            "max_length": self.max_length,
+            "long_text": self.config.long_text,
+            "head_tokens": self.head_tokens,
+            "dtype": _DTYPE_NAMES[str(self.dtype)],
+            "device": str(self.device),
+            "max_batch_tokens": self.config.max_batch_tokens,
+            "max_batch_size": self.config.max_batch_size,
+        }
+
+    # -- encoding ----------------------------------------------------------------------------
+
+    def encode(self, texts: Sequence[str], long_text: LongTextStrategy | None = None) -> list[EncodedText]:
+        """Tokenize texts and cut each into the windows the model will see."""
+        texts = validate_texts(texts)
+        strategy = long_text or self.config.long_text
+        if not texts:
+            return []
+        ids_per_text = self.tokenizer(
+            texts,
+            add_special_tokens=False,
+            truncation=False,
+            return_attention_mask=False,
+            return_token_type_ids=False,
+            verbose=False,
+        )["input_ids"]
+        encoded = []
+        for ids in ids_per_text:
+            windows = content_windows(
+                ids,
+                self.max_content,
+                strategy,
+                head_tokens=self.head_tokens,
+                chunk_stride=self.config.chunk_stride,
+            )
+            encoded.append(
+                EncodedText(
+                    windows=[self._prefix + window + self._suffix for window in windows],
+                    num_tokens=len(ids) + len(self._prefix) + len(self._suffix),
+                    truncated=len(ids) > self.max_content,
+                )
+            )
+        return encoded
+
+    # -- inference ---------------------------------------------------------------------------
+
+    def forward(self, sequences: Sequence[Sequence[int]]) -> np.ndarray:
+        """Class probabilities (float32, one row per sequence, input order) for model-ready id lists.
+
+        Sequences are grouped by `plan_batches`; each batch is padded to its own longest member.
+        """
+        probabilities = np.zeros((len(sequences), len(self.labels)), dtype=np.float32)
+        lengths = [len(sequence) for sequence in sequences]
+        for batch in plan_batches(lengths, self.config.max_batch_tokens, self.config.max_batch_size):
+            probabilities[batch] = self._forward_batch([sequences[i] for i in batch])
+        return probabilities
+
+    def _forward_batch(self, batch: list[Sequence[int]]) -> np.ndarray:
+        import torch
+
+        longest = max(len(sequence) for sequence in batch)
+        input_ids = np.full((len(batch), longest), self._pad_id, dtype=np.int64)
+        attention_mask = np.zeros((len(batch), longest), dtype=np.int64)
+        for row, sequence in enumerate(batch):
+            input_ids[row, : len(sequence)] = sequence
+            attention_mask[row, : len(sequence)] = 1
+        with torch.inference_mode():
+            logits = self.model(
+                input_ids=torch.from_numpy(input_ids).to(self.device),
+                attention_mask=torch.from_numpy(attention_mask).to(self.device),
+            ).logits
+            return logits.float().softmax(dim=-1).cpu().numpy()
+
+    def predict_encoded(self, encoded: Sequence[EncodedText]) -> list[Prediction]:
+        """Predictions for already-encoded texts; a text with several windows averages their probabilities."""
+        windows = [window for text in encoded for window in text.windows]
+        probabilities = self.forward(windows)
+        predictions = []
+        start = 0
+        for text in encoded:
+            # Averaging window probabilities is how Spark NLP's coalesceSentences combines sentences.
+            mean = probabilities[start : start + len(text.windows)].mean(axis=0)
+            start += len(text.windows)
+            best = int(mean.argmax())
+            predictions.append(
+                Prediction(
+                    label=self.labels[best],
+                    score=float(mean[best]),
+                    scores={label: float(p) for label, p in zip(self.labels, mean, strict=True)},
+                    num_tokens=text.num_tokens,
+                    truncated=text.truncated,
+                )
+            )
+        return predictions
+
+    def predict(self, texts: Sequence[str], long_text: LongTextStrategy | None = None) -> list[Prediction]:
+        """One `Prediction` per text, in input order. Raises `InvalidInputError` for a non-string."""
+        return self.predict_encoded(self.encode(texts, long_text))
+
+    async def apredict(self, texts: Sequence[str], long_text: LongTextStrategy | None = None) -> list[Prediction]:
+        """`predict` on a worker thread, so an asyncio server's event loop keeps serving meanwhile."""
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sentiment-model")
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self.predict, texts, long_text)
+
+    def warmup(self) -> None:
+        """Run one forward pass at the maximum length, so the first real request is not the slow one."""
+        self.forward([[self._pad_id] * self.max_length])
+
+    # -- column batches (Ray Data) --------------------------------------------------------------
+
+    def __call__(self, batch: pa.Table | Mapping[str, Any]) -> pa.Table | dict[str, np.ndarray]:
+        """Predict on a column batch: the input columns plus the prediction columns.
+
+        Takes a pyarrow Table or a dict of arrays (Ray Data's ``pyarrow`` and ``numpy`` batch
+        formats) and returns the same kind. A null, empty or non-string text does not fail the
+        batch: its row gets ``error`` set and null predictions. Input columns whose names clash
+        with prediction columns are kept as ``input_<name>``.
+        """
+        column = self.config.text_column
+        if column not in (batch.column_names if isinstance(batch, pa.Table) else batch):
+            names = batch.column_names if isinstance(batch, pa.Table) else list(batch)
+            raise InvalidInputError(f"text column {column!r} not found; columns are {names}")
+        values = batch.column(column).to_pylist() if isinstance(batch, pa.Table) else list(batch[column])
+
+        errors: list[str | None] = [_row_error(value) for value in values]
+        valid = [i for i, error in enumerate(errors) if error is None]
+        predictions: list[Prediction | None] = [None] * len(values)
+        for i, prediction in zip(valid, self.predict([values[i] for i in valid]), strict=True):
+            predictions[i] = prediction
+        outputs = self._prediction_columns(predictions, errors)
+
+        if isinstance(batch, pa.Table):
+            table = batch.rename_columns([_input_name(name, outputs) for name in batch.column_names])
+            for name, array in outputs.items():
+                table = table.append_column(name, array)
+            return table
+        result = {_input_name(name, outputs): np.asarray(array) for name, array in batch.items()}
+        result.update({name: array.to_numpy(zero_copy_only=False) for name, array in outputs.items()})
+        return result
+
+    def output_schema(self) -> pa.Schema:
+        """Types of the prediction columns that `__call__` appends."""
+        fields = [pa.field("label", pa.string()), pa.field("score", pa.float64())]
+        fields += [pa.field(f"score_{label}", pa.float64()) for label in self.labels]
+        fields += [
+            pa.field("num_tokens", pa.int64()),
+            pa.field("truncated", pa.bool_()),
+            pa.field("error", pa.string()),
+        ]
+        return pa.schema(fields)
+
+    def _prediction_columns(
+        self, predictions: list[Prediction | None], errors: list[str | None]
+    ) -> dict[str, pa.Array]:
+        schema = self.output_schema()
+        rows: dict[str, list[Any]] = {
+            "label": [p.label if p else None for p in predictions],
+            "score": [p.score if p else None for p in predictions],
+        }
+        for label in self.labels:
+            rows[f"score_{label}"] = [p.scores[label] if p else None for p in predictions]
+        rows["num_tokens"] = [p.num_tokens if p else None for p in predictions]
+        rows["truncated"] = [p.truncated if p else None for p in predictions]
+        rows["error"] = errors
+        return {name: pa.array(rows[name], type=schema.field(name).type) for name in schema.names}
+
+
+def _row_error(value: Any) -> str | None:
+    if value is None:
+        return "text is null"
+    if not isinstance(value, str):
+        return f"text must be a string, got {type(value).__name__}"
+    if not value.strip():
+        return "text is empty"
+    return None
+
+
+def _input_name(name: str, outputs: Mapping[str, Any]) -> str:
+    return f"input_{name}" if name in outputs else name
+
+
+# -- loading -----------------------------------------------------------------------------------
+
+_DTYPE_NAMES = {"torch.float32": "fp32", "torch.bfloat16": "bf16", "torch.float16": "fp16"}
+
+
+def _resolve_device(name: str) -> torch.device:
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelLoadError(f"device is {name!r} but this process sees no CUDA GPU; use device 'auto' or 'cpu'")
+    return torch.device(name)
+
+
+def _resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    import torch
+
+    if name == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
+def _looks_like_path(model_id: str) -> bool:
+    # Hub ids are "name" or "org/name"; anything else with slashes, or rooted, is meant as a path.
+    return model_id.startswith((".", "/", "~")) or model_id.count("/") > 1 or (os.sep != "/" and os.sep in model_id)
+
+
+def _load_checkpoint(config: ModelConfig, dtype: torch.dtype) -> tuple[Any, Any]:
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    source = config.model_id
+    local = Path(source).expanduser()
+    if local.is_dir():
+        source = str(local)
+    elif _looks_like_path(source):
+        raise ModelLoadError(f"model directory {source} does not exist")
+    common: dict[str, Any] = {
+        "revision": None if local.is_dir() else config.revision,
+        "local_files_only": config.local_files_only,
+        # Never run code shipped with a checkpoint.
+        "trust_remote_code": False,
+    }
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, use_fast=True, **common)
+        model = AutoModelForSequenceClassification.from_pretrained(
+            source,
+            dtype=dtype,
+            attn_implementation="sdpa",
+            # safetensors is preferred when both exist; a .bin-only checkpoint goes through
+            # torch.load(weights_only=True), which refuses arbitrary pickled objects.
+            weights_only=True,
+            **common,
+        )
+    except Exception as exc:
+        raise ModelLoadError(
+            f"could not load model {config.model_id!r}"
+            + (f" (revision {config.revision})" if config.revision else "")
+            + f": {type(exc).__name__}: {exc}\n"
+            "To run without network access, point model_id (--model) at a local directory holding "
+            "config.json, the tokenizer files and model.safetensors (e.g. one written by "
+            "`huggingface-cli download <id> --local-dir <dir>` or `save_pretrained`), and set "
+            "HF_HUB_OFFLINE=1."
+        ) from exc
+    if not getattr(tokenizer, "is_fast", False):
+        raise ModelLoadError(f"model {config.model_id!r} has no fast tokenizer (tokenizer.json); one is required")
+    return tokenizer, model
+
+
+def _special_tokens_around(tokenizer: Any) -> tuple[list[int], list[int]]:
+    """The ids the tokenizer puts before and after a single text ([CLS] and [SEP] for BERT)."""
+    for probe in ("a", "the", "x", "0"):
+        bare = tokenizer(probe, add_special_tokens=False)["input_ids"]
+        full = tokenizer(probe, add_special_tokens=True)["input_ids"]
+        for start in range(len(full) - len(bare) + 1):
+            if bare and full[start : start + len(bare)] == bare:
+                return list(full[:start]), list(full[start + len(bare) :])
+    raise ModelLoadError("cannot tell which special tokens the tokenizer adds around a text")
+
+
+def _effective_max_length(configured: int, model_config: Any, tokenizer: Any) -> int:
+    limits = [configured]
+    positions = getattr(model_config, "max_position_embeddings", None)
+    if isinstance(positions, int) and positions > 0:
+        limits.append(positions)
+    tokenizer_limit = getattr(tokenizer, "model_max_length", None)
+    # Tokenizers without a limit report a huge sentinel (int(1e30)); ignore those.
+    if isinstance(tokenizer_limit, int) and 0 < tokenizer_limit < 1_000_000:
+        limits.append(tokenizer_limit)
+    return min(limits)

@@ -1,0 +1,59 @@
+"""Shared fixtures: tiny real checkpoints (built once per session) and one local Ray.
+
+No test touches the network: checkpoints are random-weight BERTs written here and loaded through
+the same ``from_pretrained`` path as a hub model.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sentiment.config import ModelConfig
+from sentiment.model import SentimentClassifier
+from sentiment.testing import make_checkpoint
+
+# Tests never reach the hub, even by accident.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("checkpoints")
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(checkpoints: Path) -> Path:
+    """A two-class tiny BERT whose id2label is the generic LABEL_0/LABEL_1."""
+    return make_checkpoint(checkpoints / "tiny")
+
+
+@pytest.fixture(scope="session")
+def classifier(tiny_checkpoint: Path) -> SentimentClassifier:
+    return SentimentClassifier(ModelConfig(model_id=str(tiny_checkpoint)))
+
+
+@pytest.fixture(scope="session")
+def ray_session() -> Iterator[Any]:
+    """One local Ray for the whole test session: 8 logical CPUs and 1 logical GPU.
+
+    The GPU is a scheduling resource only (torch sees none here), which is what the fractional-GPU
+    tests need: four 0.25-GPU replicas fit, a fifth does not.
+    """
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(
+            num_cpus=8,
+            num_gpus=1,
+            include_dashboard=False,
+            log_to_driver=False,
+            runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}},
+        )
+    yield ray
+    ray.shutdown()

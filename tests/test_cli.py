@@ -1,0 +1,46 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from sentiment.cli import main
+from sentiment.config import ModelConfig
+from sentiment.model import SentimentClassifier
+
+
+def test_predict_prints_one_json_object_per_text(
+    tiny_checkpoint: Path, classifier: SentimentClassifier, capsys: pytest.CaptureFixture[str]
+) -> None:
+    texts = ["a wonderful film", "the worst movie", ""]
+    assert main(["predict", *texts, "--model", str(tiny_checkpoint)]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [line["label"] for line in lines] == [p.label for p in classifier.predict(texts)]
+    assert set(lines[0]) == {"label", "score", "scores", "num_tokens", "truncated"}
+
+
+def test_flags_override_the_config_file(
+    tiny_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "config.yaml"
+    config.write_text(f"model:\n  model_id: {tiny_checkpoint}\n  long_text: head\n  max_length: 64\n")
+    long_text = " ".join(["film"] * 100)
+    assert main(["predict", long_text, "--config", str(config), "--long-text", "tail", "--echo"]) == 0
+    (line,) = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    expected = SentimentClassifier(ModelConfig(model_id=str(tiny_checkpoint), long_text="tail", max_length=64))
+    assert line["text"] == long_text
+    assert line["score"] == pytest.approx(expected.predict([long_text])[0].score, abs=1e-6)
+    assert line["truncated"] is True
+
+
+def test_bad_config_value_names_the_field(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "config.yaml"
+    config.write_text("model:\n  max_batch_tokens: -1\n")
+    assert main(["predict", "x", "--config", str(config)]) == 2
+    assert "model.max_batch_tokens: Input should be greater than or equal to 1" in capsys.readouterr().err
+
+
+def test_missing_model_directory_exits_1_with_the_reason(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["predict", "x", "--model", str(tmp_path / "absent")]) == 1
+    assert "does not exist" in capsys.readouterr().err

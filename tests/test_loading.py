@@ -1,0 +1,77 @@
+"""Loading checkpoints: safe formats only, clear failures."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+
+from sentiment.config import ModelConfig
+from sentiment.errors import ModelLoadError
+from sentiment.model import SentimentClassifier
+from sentiment.testing import make_checkpoint
+
+
+def test_bin_only_checkpoint_loads_through_weights_only(checkpoints: Path, classifier: SentimentClassifier) -> None:
+    path = make_checkpoint(checkpoints / "bin-only", safe_serialization=False)
+    assert not list(path.glob("*.safetensors"))
+    old = SentimentClassifier(ModelConfig(model_id=str(path)))
+    # Same seed as the safetensors fixture: same weights, same answers.
+    assert old.predict(["a good film"])[0].scores == pytest.approx(classifier.predict(["a good film"])[0].scores)
+
+
+class _Exploit:
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        import os
+
+        return (os.system, ("touch EXPLOITED",))
+
+
+def test_pickle_with_code_is_refused_and_never_run(
+    checkpoints: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = make_checkpoint(checkpoints / "malicious", safe_serialization=False)
+    state = torch.load(path / "pytorch_model.bin", weights_only=True)
+    state["exploit"] = _Exploit()
+    with open(path / "pytorch_model.bin", "wb") as handle:
+        pickle.dump(state, handle)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ModelLoadError, match="could not load model"):
+        SentimentClassifier(ModelConfig(model_id=str(path)))
+    assert not (tmp_path / "EXPLOITED").exists()
+
+
+def test_missing_directory_says_so(tmp_path: Path) -> None:
+    with pytest.raises(ModelLoadError, match=r"model directory .*nowhere does not exist"):
+        SentimentClassifier(ModelConfig(model_id=str(tmp_path / "nowhere")))
+
+
+def test_unreachable_hub_model_explains_how_to_run_offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelLoadError) as info:
+        SentimentClassifier(ModelConfig(model_id="no-such-org/no-such-model", local_files_only=True))
+    message = str(info.value)
+    assert "could not load model 'no-such-org/no-such-model'" in message
+    assert "local directory" in message
+    assert "HF_HUB_OFFLINE=1" in message
+
+
+def test_checkpoint_code_is_never_trusted(checkpoints: Path) -> None:
+    path = make_checkpoint(checkpoints / "remote-code", seed=4)
+    config = (path / "config.json").read_text()
+    (path / "config.json").write_text(
+        config.replace('"model_type"', '"auto_map": {"AutoModelForSequenceClassification": "evil.Model"}, "model_type"')
+    )
+    (path / "evil.py").write_text("raise SystemExit('remote code ran')\n")
+    # auto_map is ignored without trust_remote_code: the stock BERT class loads.
+    classifier = SentimentClassifier(ModelConfig(model_id=str(path)))
+    assert type(classifier.model).__name__ == "BertForSequenceClassification"
+
+
+def test_cuda_device_without_a_gpu_is_a_clear_error(tiny_checkpoint: Path) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(ModelLoadError, match="sees no CUDA GPU"):
+        SentimentClassifier(ModelConfig(model_id=str(tiny_checkpoint), device="cuda"))

@@ -1,0 +1,280 @@
+"""Behaviour of the shared classifier on tiny real checkpoints."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from sentiment.config import ModelConfig
+from sentiment.errors import InvalidInputError
+from sentiment.model import SentimentClassifier, plan_batches
+from sentiment.testing import WORDS, make_checkpoint
+
+STRATEGIES = ("head", "tail", "head_tail", "chunks")
+BATCHINGS = [
+    {"max_batch_tokens": 16384, "max_batch_size": 64},
+    {"max_batch_tokens": 3000, "max_batch_size": 200},
+    {"max_batch_tokens": 1024, "max_batch_size": 8},
+    {"max_batch_tokens": 512, "max_batch_size": 1},
+    {"max_batch_tokens": 1, "max_batch_size": 1},
+]
+
+
+def make_texts(count_short: int, count_mid: int, count_long: int, seed: int = 0) -> list[str]:
+    """Reviews of known token counts: every word of WORDS is one token of the test vocab."""
+    rng = random.Random(seed)
+    lengths = (
+        [rng.randint(1, 40) for _ in range(count_short)]
+        + [rng.randint(280, 320) for _ in range(count_mid)]
+        + [rng.randint(520, 1200) for _ in range(count_long)]
+    )
+    rng.shuffle(lengths)
+    return [" ".join(rng.choice(WORDS) for _ in range(n)) for n in lengths]
+
+
+TEXTS = make_texts(80, 70, 60)
+
+
+class Reference:
+    """A plain transformers forward pass, one text at a time, no padding, fp32."""
+
+    def __init__(self, path: Path) -> None:
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.model = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32).eval()
+
+    def ids(self, text: str, strategy: str, max_length: int = 512, head: int = 128) -> list[list[int]]:
+        tok = self.tokenizer
+        if strategy == "head":
+            return [tok(text, truncation=True, max_length=max_length)["input_ids"]]
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        content = max_length - 2
+        if len(ids) <= content:
+            windows = [ids]
+        elif strategy == "tail":
+            windows = [ids[-content:]]
+        elif strategy == "head_tail":
+            windows = [ids[:head] + ids[len(ids) - (content - head) :]]
+        else:  # chunks, stride 256, last window aligned to the end
+            starts = list(range(0, len(ids) - content + 1, 256))
+            if starts[-1] != len(ids) - content:
+                starts.append(len(ids) - content)
+            windows = [ids[s : s + content] for s in starts]
+        return [[tok.cls_token_id, *window, tok.sep_token_id] for window in windows]
+
+    @torch.inference_mode()
+    def probabilities(self, text: str, strategy: str) -> np.ndarray:
+        rows = [
+            self.model(input_ids=torch.tensor([ids])).logits.softmax(-1)[0].numpy() for ids in self.ids(text, strategy)
+        ]
+        return np.mean(rows, axis=0)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_checkpoint: Path) -> Reference:
+    return Reference(tiny_checkpoint)
+
+
+@pytest.fixture(scope="module")
+def expected(reference: Reference) -> dict[str, np.ndarray]:
+    return {s: np.stack([reference.probabilities(t, s) for t in TEXTS]) for s in STRATEGIES}
+
+
+@pytest.mark.parametrize("batching", BATCHINGS, ids=lambda b: f"{b['max_batch_tokens']}tok-{b['max_batch_size']}seq")
+def test_predictions_match_unpadded_reference_for_every_batching(
+    tiny_checkpoint: Path, expected: dict[str, np.ndarray], batching: dict[str, int]
+) -> None:
+    classifier = SentimentClassifier(ModelConfig(model_id=str(tiny_checkpoint), **batching))
+    assert classifier.dtype == torch.float32
+    for strategy in STRATEGIES:
+        predictions = classifier.predict(TEXTS, long_text=strategy)  # type: ignore[arg-type]
+        got = np.array([[p.scores["neg"], p.scores["pos"]] for p in predictions])
+        np.testing.assert_allclose(got, expected[strategy], atol=1e-5, rtol=0, err_msg=strategy)
+        want_labels = [["neg", "pos"][i] for i in expected[strategy].argmax(axis=1)]
+        assert [p.label for p in predictions] == want_labels
+        assert [p.score for p in predictions] == [max(p.scores.values()) for p in predictions]
+
+
+def test_the_corpus_mixes_short_mid_and_over_limit_texts(classifier: SentimentClassifier) -> None:
+    tokens = [p.num_tokens for p in classifier.predict(TEXTS)]
+    assert len(TEXTS) >= 200
+    assert sum(t <= 42 for t in tokens) == 80
+    assert sum(282 <= t <= 322 for t in tokens) == 70
+    assert sum(t > 512 for t in tokens) == 60
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_each_strategy_feeds_exactly_the_promised_ids(
+    classifier: SentimentClassifier, reference: Reference, strategy: str
+) -> None:
+    text = " ".join(WORDS[i % len(WORDS)] for i in range(900))
+    vocab = reference.tokenizer.get_vocab()
+    words = [vocab[WORDS[i % len(WORDS)]] for i in range(900)]
+    cls, sep = reference.tokenizer.cls_token_id, reference.tokenizer.sep_token_id
+    promised = {
+        "head": [words[:510]],
+        "tail": [words[-510:]],
+        "head_tail": [words[:128] + words[-382:]],
+        "chunks": [words[0:510], words[256:766], words[390:900]],
+    }[strategy]
+    (encoded,) = classifier.encode([text], long_text=strategy)  # type: ignore[arg-type]
+    assert encoded.windows == [[cls, *window, sep] for window in promised]
+    assert (encoded.num_tokens, encoded.truncated) == (902, True)
+
+
+def test_output_order_equals_input_order(classifier: SentimentClassifier) -> None:
+    texts = TEXTS[:60]
+    alone = [classifier.predict([text])[0] for text in texts]
+    together = classifier.predict(texts)
+    for a, b in zip(alone, together, strict=True):
+        assert a.label == b.label
+        assert a.num_tokens == b.num_tokens
+        assert a.scores == pytest.approx(b.scores, abs=1e-5)
+
+
+def test_empty_string_gets_a_defined_prediction(classifier: SentimentClassifier) -> None:
+    (prediction,) = classifier.predict([""])
+    assert prediction.label in ("neg", "pos")
+    assert prediction.num_tokens == 2
+    assert prediction.truncated is False
+    assert sum(prediction.scores.values()) == pytest.approx(1.0, abs=1e-6)
+
+
+def test_empty_list_gives_no_predictions(classifier: SentimentClassifier) -> None:
+    assert classifier.predict([]) == []
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["a film 😀🎬 loved it", "电影很好看", "שלום עולם סרט נהדר", "bad\x00\x07\x1b[31m film\u200b\u202e", "\n\t  \r"],
+)
+def test_unicode_and_control_characters_get_predictions(
+    classifier: SentimentClassifier, reference: Reference, text: str
+) -> None:
+    (prediction,) = classifier.predict([text])
+    assert prediction.num_tokens == len(reference.tokenizer(text)["input_ids"])
+    np.testing.assert_allclose(
+        [prediction.scores["neg"], prediction.scores["pos"]], reference.probabilities(text, "head"), atol=1e-5
+    )
+
+
+@pytest.mark.parametrize(
+    ("texts", "message"),
+    [
+        (["ok", 3], r"texts\[1\] must be a string, got int"),
+        (["ok", None], r"texts\[1\] must be a string, got NoneType"),
+        ("just a string", "texts must be a list of strings"),
+    ],
+)
+def test_non_strings_are_refused_naming_the_item(classifier: SentimentClassifier, texts: object, message: str) -> None:
+    with pytest.raises(InvalidInputError, match=message):
+        classifier.predict(texts)  # type: ignore[arg-type]
+
+
+def test_generic_checkpoint_labels_become_neg_pos(checkpoints: Path) -> None:
+    path = make_checkpoint(checkpoints / "polarity", id2label={0: "NEGATIVE", 1: "POSITIVE"}, seed=1)
+    classifier = SentimentClassifier(ModelConfig(model_id=str(path)))
+    assert classifier.labels == ["neg", "pos"]
+    assert set(classifier.predict(["good"])[0].scores) == {"neg", "pos"}
+
+
+def test_specific_checkpoint_labels_are_kept(checkpoints: Path) -> None:
+    path = make_checkpoint(checkpoints / "emotions", num_labels=3, id2label={0: "joy", 1: "anger", 2: "fear"})
+    classifier = SentimentClassifier(ModelConfig(model_id=str(path)))
+    (prediction,) = classifier.predict(["the film"])
+    assert list(prediction.scores) == ["joy", "anger", "fear"]
+
+
+def test_model_with_fewer_positions_caps_the_length(checkpoints: Path) -> None:
+    path = make_checkpoint(checkpoints / "short", max_position_embeddings=128, seed=2)
+    classifier = SentimentClassifier(ModelConfig(model_id=str(path)))
+    assert classifier.max_length == 128
+    text = " ".join(WORDS[i % len(WORDS)] for i in range(300))
+    (encoded,) = classifier.encode([text])
+    (window,) = encoded.windows
+    assert len(window) == 128
+    # head_tail keeps its proportion: 128 of 510 content tokens becomes 32 of 126.
+    ids = classifier.tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert window[1:-1] == ids[:32] + ids[-94:]
+    (prediction,) = classifier.predict([text])
+    assert (prediction.num_tokens, prediction.truncated) == (302, True)
+
+
+def test_plan_batches_respects_budget_and_places_every_input_once() -> None:
+    rng = random.Random(3)
+    lengths = [rng.randint(2, 512) for _ in range(500)]
+    batches = plan_batches(lengths, max_batch_tokens=4096, max_batch_size=16)
+    assert sorted(i for batch in batches for i in batch) == list(range(500))
+    for batch in batches:
+        assert len(batch) <= 16
+        assert len(batch) * max(lengths[i] for i in batch) <= 4096
+
+
+def test_plan_batches_runs_an_oversized_input_alone() -> None:
+    assert plan_batches([10, 900, 10], max_batch_tokens=100, max_batch_size=8) == [[1], [0, 2]]
+
+
+def test_column_batch_keeps_columns_and_marks_bad_rows(classifier: SentimentClassifier) -> None:
+    table = pa.table({"id": [1, 2, 3, 4], "text": ["good film", None, "  ", "bad film"], "label": ["pos"] * 4})
+    out = classifier(table)
+    assert isinstance(out, pa.Table)
+    assert out.column_names == [
+        "id",
+        "text",
+        "input_label",
+        "label",
+        "score",
+        "score_neg",
+        "score_pos",
+        "num_tokens",
+        "truncated",
+        "error",
+    ]
+    assert out.column("error").to_pylist() == [None, "text is null", "text is empty", None]
+    assert out.column("label").to_pylist()[1:3] == [None, None]
+    direct = classifier.predict(["good film", "bad film"])
+    assert out.column("label").to_pylist()[0::3] == [p.label for p in direct]
+    assert out.column("score_pos").to_pylist()[0::3] == pytest.approx([p.scores["pos"] for p in direct], abs=1e-6)
+    assert out.schema.field("num_tokens").type == pa.int64()
+
+
+def test_column_batch_as_dict_of_arrays(classifier: SentimentClassifier) -> None:
+    out = classifier({"text": np.array(["good film", 7, "bad"], dtype=object), "id": np.array([5, 6, 7])})
+    assert isinstance(out, dict)
+    assert list(out["id"]) == [5, 6, 7]
+    assert list(out["error"]) == [None, "text must be a string, got int", None]
+    assert out["label"][1] is None
+
+
+def test_column_batch_without_the_text_column_names_it(classifier: SentimentClassifier) -> None:
+    with pytest.raises(InvalidInputError, match="text column 'text' not found; columns are \\['review'\\]"):
+        classifier(pa.table({"review": ["x"]}))
+
+
+async def _apredict(classifier: SentimentClassifier, texts: list[str]) -> list[str]:
+    return [p.label for p in await classifier.apredict(texts)]
+
+
+def test_apredict_equals_predict(classifier: SentimentClassifier) -> None:
+    import asyncio
+
+    assert asyncio.run(_apredict(classifier, TEXTS[:10])) == [p.label for p in classifier.predict(TEXTS[:10])]
+
+
+def test_describe_reports_what_runs(classifier: SentimentClassifier, tiny_checkpoint: Path) -> None:
+    info = classifier.describe()
+    assert info["model"] == str(tiny_checkpoint)
+    assert (info["labels"], info["max_length"], info["dtype"], info["device"]) == (["neg", "pos"], 512, "fp32", "cpu")
+
+
+def test_bf16_runs_and_stays_close_to_fp32(tiny_checkpoint: Path, classifier: SentimentClassifier) -> None:
+    bf16 = SentimentClassifier(ModelConfig(model_id=str(tiny_checkpoint), dtype="bf16"))
+    assert bf16.dtype == torch.bfloat16
+    got = [p.scores["pos"] for p in bf16.predict(TEXTS[:20])]
+    want = [p.scores["pos"] for p in classifier.predict(TEXTS[:20])]
+    assert got == pytest.approx(want, abs=0.05)
