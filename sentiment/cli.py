@@ -101,7 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _extra_commands() -> list[Callable[[Any], None]]:
     """Subcommands defined next to the code they drive (Serve, Ray Data); none imports ray here."""
-    return []
+    from deployments.cli import register as register_serve
+
+    return [register_serve]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -128,9 +128,11 @@ class SentimentClassifier:
         self.head_tokens = min(self.config.head_tokens, round(self.config.head_tokens * self.max_content / 510))
         pad_id = self.tokenizer.pad_token_id
         self._pad_id = 0 if pad_id is None else int(pad_id)
-        # One worker: forward passes are serialized anyway (they share the cores or the GPU), and
-        # fast tokenizers raise "Already borrowed" when one instance is used from two threads.
+        # One worker each: forward passes are serialized anyway (they share the cores or the GPU),
+        # and fast tokenizers raise "Already borrowed" when one instance is used from two threads,
+        # so the async API tokenizes only on its tokenizer thread and never on the model thread.
         self._executor: ThreadPoolExecutor | None = None
+        self._encode_executor: ThreadPoolExecutor | None = None
 
     # -- description -------------------------------------------------------------------------
 
@@ -239,11 +241,25 @@ class SentimentClassifier:
         return self.predict_encoded(self.encode(texts, long_text))
 
     async def apredict(self, texts: Sequence[str], long_text: LongTextStrategy | None = None) -> list[Prediction]:
-        """`predict` on a worker thread, so an asyncio server's event loop keeps serving meanwhile."""
+        """`predict` off the event loop, so an asyncio server keeps serving meanwhile."""
+        return await self.apredict_encoded(await self.aencode(texts, long_text))
+
+    async def aencode(self, texts: Sequence[str], long_text: LongTextStrategy | None = None) -> list[EncodedText]:
+        """`encode` on the tokenizer thread: a long request does not stall the event loop.
+
+        Tokenizing has its own thread so it overlaps the forward pass of the batch before.
+        """
+        if self._encode_executor is None:
+            self._encode_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sentiment-tokenizer")
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._encode_executor, self.encode, texts, long_text)
+
+    async def apredict_encoded(self, encoded: Sequence[EncodedText]) -> list[Prediction]:
+        """`predict_encoded` on the model thread, so an asyncio server's event loop keeps serving meanwhile."""
         if self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sentiment-model")
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self.predict, texts, long_text)
+        return await loop.run_in_executor(self._executor, self.predict_encoded, encoded)
 
     def warmup(self) -> None:
         """Run one forward pass at the maximum length, so the first real request is not the slow one."""

@@ -1,0 +1,216 @@
+"""The online endpoint: one `SentimentClassifier` per replica behind a FastAPI ingress.
+
+`build_app` turns `ServeArgs` into a Serve application; ``serve.yaml`` names it as
+``deployments.app:build_app``. The replica class is plain Python: its resources, replica count
+and batching limits come from the args at build time, never from decorators.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from deployments.args import AUTO_GPU_FRACTION, ServeArgs, parse_serve_args
+from deployments.errors import ApiError, ErrorType
+from sentiment.config import LongTextStrategy, ModelConfig
+from sentiment.model import EncodedText, Prediction, SentimentClassifier
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+    from ray.serve import Application
+
+logger = logging.getLogger("ray.serve")
+
+# Consecutive failed batches after which a replica reports itself unhealthy and Serve replaces it.
+_FAILURES_BEFORE_UNHEALTHY = 3
+
+
+@dataclass(frozen=True, slots=True)
+class _Work:
+    """One request's texts, already tokenized, waiting in the replica's batch queue."""
+
+    encoded: list[EncodedText]
+    num_tokens: int
+
+
+class SentimentServer:
+    """A replica: loads the classifier, warms it up, then batches texts across concurrent requests.
+
+    Requests are tokenized as they arrive (on the classifier's tokenizer thread), so the batch
+    queue can size batches by tokens as well as by texts; each gathered batch runs on the
+    classifier's model thread, so the event loop keeps accepting requests meanwhile.
+    """
+
+    def __init__(self, args: ServeArgs) -> None:
+        from ray import serve
+
+        self.args = args
+        self.num_gpus = float(args.ray_actor_options.num_gpus) if args.ray_actor_options.num_gpus != "auto" else 0.0
+        self.classifier = SentimentClassifier(replica_model_config(args.model, self.num_gpus))
+        self.classifier.warmup()
+        self.api_key = args.resolve_api_key()
+        self.batch_max_texts = args.effective_batch_max_texts
+        self.batch_max_tokens = args.effective_batch_max_tokens
+        self._failures = 0
+        from deployments.metrics import EndpointMetrics
+
+        self.metrics = EndpointMetrics()
+        # Decorating the bound method here, not the class, gives each replica a batch queue sized
+        # by its own args. Serve's batch size is one number, so `_batch_size` folds the text and
+        # token limits into text units: a batch is full when either limit is reached.
+        self._predict_batch = serve.batch(
+            max_batch_size=self.batch_max_texts,
+            batch_wait_timeout_s=args.batch_wait_timeout_s,
+            batch_size_fn=self._batch_size,
+        )(self._run_batch)
+        self.ready = True
+        logger.info(
+            "Replica ready: %s on %s (%s), warmed up at %d tokens; batches of up to %d texts / %d tokens%s.",
+            args.model.model_id,
+            self.classifier.device,
+            self.classifier.describe()["dtype"],
+            self.classifier.max_length,
+            self.batch_max_texts,
+            self.batch_max_tokens,
+            ", API key required" if self.api_key else "",
+        )
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        """Serve calls this after `__init__`; the routes close over this replica."""
+        from deployments.api import create_api
+
+        return create_api(self)
+
+    async def check_health(self) -> None:
+        """Serve's periodic probe: a replica whose model keeps failing is replaced."""
+        if not self.healthy:
+            raise RuntimeError(f"the model failed on the last {self._failures} batches")
+
+    @property
+    def healthy(self) -> bool:
+        return self.ready and self._failures < _FAILURES_BEFORE_UNHEALTHY
+
+    def info(self) -> dict[str, Any]:
+        return {
+            **self.classifier.describe(),
+            "batch_max_texts": self.batch_max_texts,
+            "batch_max_tokens": self.batch_max_tokens,
+            "batch_wait_timeout_s": self.args.batch_wait_timeout_s,
+            "max_ongoing_requests": self.args.max_ongoing_requests,
+            "max_texts_per_request": self.args.max_texts_per_request,
+            "max_chars_per_text": self.args.max_chars_per_text,
+            "replica_gpus": self.num_gpus,
+        }
+
+    async def classify(
+        self, texts: Sequence[str], long_text: LongTextStrategy | None = None, *, field: str = "texts", cut: bool = True
+    ) -> list[Prediction]:
+        """Predictions for one request's texts, batched with other requests'. ``cut=False`` refuses long texts."""
+        encoded = await self.classifier.aencode(texts, long_text)
+        if not cut:
+            for index, text in enumerate(encoded):
+                if text.truncated:
+                    raise ApiError(
+                        ErrorType.TOO_LARGE,
+                        f"{field}[{index}] has {text.num_tokens} tokens; the model takes at most "
+                        f"{self.classifier.max_length} (send truncate: true to cut it)",
+                    )
+        self.metrics.record_texts(encoded)
+        tokens = sum(len(window) for text in encoded for window in text.windows)
+        predictions: list[Prediction] = await self._predict_batch(_Work(encoded, tokens))
+        return predictions
+
+    def _batch_size(self, batch: list[_Work]) -> int:
+        texts = sum(len(work.encoded) for work in batch)
+        # Tokens in text units: batch_max_tokens tokens count as batch_max_texts texts.
+        tokens_as_texts = math.ceil(
+            sum(work.num_tokens for work in batch) * self.batch_max_texts / self.batch_max_tokens
+        )
+        size = max(texts, tokens_as_texts)
+        # Serve fails a lone request bigger than the whole batch; count it as exactly full, so it runs alone.
+        return min(size, self.batch_max_texts) if len(batch) == 1 else size
+
+    async def _run_batch(self, batch: list[_Work]) -> list[list[Prediction]]:
+        encoded = [text for work in batch for text in work.encoded]
+        started = time.perf_counter()
+        try:
+            predictions = await self.classifier.apredict_encoded(encoded)
+        except Exception as exc:
+            self._failures += 1
+            logger.exception("Batch of %d texts failed in the model", len(encoded))
+            raise ApiError(ErrorType.BACKEND, f"the model failed: {type(exc).__name__}: {exc}") from exc
+        self._failures = 0
+        self.metrics.record_batch(len(encoded), sum(work.num_tokens for work in batch), time.perf_counter() - started)
+        results = []
+        start = 0
+        for work in batch:
+            results.append(predictions[start : start + len(work.encoded)])
+            start += len(work.encoded)
+        return results
+
+
+def replica_model_config(model: ModelConfig, num_gpus: float) -> ModelConfig:
+    """The model config a replica runs with, given the GPUs Ray reserved for it.
+
+    A replica on a node that declares GPUs to Ray but where torch sees none (no driver, a CPU
+    build of torch) runs on the CPU and says so. A replica with a fraction of a GPU caps its
+    CUDA memory to that fraction, since Ray does not isolate fractional GPUs.
+    """
+    import ray
+    import torch
+
+    gpu_ids = ray.get_gpu_ids() if ray.is_initialized() else []
+    if (num_gpus > 0 or gpu_ids) and not torch.cuda.is_available():
+        logger.warning(
+            "This replica reserved %s GPU (ids %s) but torch sees no CUDA device (torch %s); running on the CPU.",
+            num_gpus,
+            gpu_ids,
+            torch.__version__,
+        )
+        return model.model_copy(update={"device": "cpu"}) if model.device != "cpu" else model
+    if 0 < num_gpus < 1 and model.device != "cpu" and model.gpu_memory_fraction is None:
+        return model.model_copy(update={"gpu_memory_fraction": num_gpus})
+    return model
+
+
+def deployment_options(args: ServeArgs, cluster_gpus: float) -> dict[str, Any]:
+    """Serve deployment options from the args; ``num_gpus: auto`` resolved against the cluster's GPUs."""
+    num_gpus = args.ray_actor_options.num_gpus
+    if num_gpus == "auto":
+        num_gpus = AUTO_GPU_FRACTION if cluster_gpus > 0 else 0.0
+    options: dict[str, Any] = {
+        "name": args.name,
+        "ray_actor_options": {"num_cpus": args.ray_actor_options.num_cpus, "num_gpus": num_gpus},
+        "max_ongoing_requests": args.max_ongoing_requests,
+        "max_queued_requests": args.max_queued_requests,
+    }
+    if args.num_replicas is not None:
+        options["num_replicas"] = args.num_replicas
+    else:
+        options["autoscaling_config"] = args.autoscaling.model_dump(exclude_none=True)
+    return options
+
+
+def build_app(args: ServeArgs | Mapping[str, Any]) -> Application:
+    """The Serve application for ``args`` (a `ServeArgs`, or the mapping ``serve.yaml`` passes).
+
+    Resolving ``num_gpus: auto`` asks the cluster for its GPUs, so Ray must be running; when it is
+    not, this connects to ``RAY_ADDRESS`` or starts a local Ray, as ``serve.run`` would.
+    """
+    import ray
+    from ray import serve
+
+    args = parse_serve_args(args)
+    if not ray.is_initialized():
+        ray.init()
+    options = deployment_options(args, ray.cluster_resources().get("GPU", 0.0))
+    # The replica learns its resolved GPU share through its args, to set its memory cap.
+    resolved = args.model_copy(
+        update={"ray_actor_options": args.ray_actor_options.model_copy(update=options["ray_actor_options"])}
+    )
+    deployment = serve.deployment(**options)(serve.ingress()(SentimentServer))
+    return deployment.bind(resolved)

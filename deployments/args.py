@@ -1,0 +1,185 @@
+"""`ServeArgs`: every option of the online endpoint, typed, with the shared `ModelConfig` inside.
+
+``serve.yaml``'s ``args:`` section and ``sentiment serve`` flags are read into this one object;
+`deployments.app.build_app` turns it into Serve deployment options. Nothing here imports ray.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+
+from sentiment.config import ModelConfig, format_validation_error
+from sentiment.errors import InvalidInputError
+
+# With num_gpus "auto" on a cluster that has GPUs, four replicas share each card: BERT-large in
+# bf16 needs under 1 GiB of weights, so one replica alone leaves most of a modern GPU idle.
+AUTO_GPU_FRACTION = 0.25
+DEFAULT_API_KEY_ENV = "SENTIMENT_API_KEY"
+
+
+class ActorOptions(BaseModel):
+    """Resources each replica reserves from Ray (Serve's ``ray_actor_options``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    num_cpus: float = Field(
+        1,
+        ge=0,
+        description=(
+            "Logical CPUs per replica. Ray sets OMP_NUM_THREADS to this, so it is also the number of "
+            "threads a CPU replica's forward pass uses."
+        ),
+    )
+    num_gpus: Annotated[float, Field(ge=0)] | Literal["auto"] = Field(
+        "auto",
+        description=(
+            f"GPUs per replica; a fraction packs several replicas on one card. 'auto': {AUTO_GPU_FRACTION} "
+            "when the cluster has GPUs (four replicas per card), else 0 (CPU replicas)."
+        ),
+    )
+
+
+class AutoscalingArgs(BaseModel):
+    """Serve's ``autoscaling_config``; the defaults suit GPU replicas that take tens of seconds to start."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    min_replicas: int = Field(1, ge=0, description="Fewest replicas, even when idle.")
+    max_replicas: int = Field(4, ge=1, description="Most replicas; 4 fills one GPU at 0.25 GPU each.")
+    initial_replicas: int | None = Field(None, ge=0, description="Replicas at deploy time; None: min_replicas.")
+    target_ongoing_requests: float = Field(
+        32,
+        gt=0,
+        description=(
+            "Ongoing requests per replica the autoscaler aims for. Half a full batch: a replica keeps "
+            "its batches well filled without letting requests queue for more than a batch or two."
+        ),
+    )
+    upscale_delay_s: float = Field(10, ge=0, description="How long load must stay high before adding replicas.")
+    downscale_delay_s: float = Field(
+        300, ge=0, description="How long load must stay low before removing replicas (a GPU replica is slow to start)."
+    )
+    look_back_period_s: float = Field(10, gt=0, description="Window over which ongoing requests are averaged.")
+
+    @model_validator(mode="after")
+    def _check_range(self) -> AutoscalingArgs:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) exceeds max_replicas ({self.max_replicas})")
+        if self.initial_replicas is not None and not self.min_replicas <= self.initial_replicas <= self.max_replicas:
+            raise ValueError(
+                f"initial_replicas ({self.initial_replicas}) must lie between min_replicas "
+                f"({self.min_replicas}) and max_replicas ({self.max_replicas})"
+            )
+        return self
+
+
+class ServeArgs(BaseModel):
+    """The online endpoint: which model, how many replicas with what resources, batching and request limits."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: ModelConfig = Field(default_factory=ModelConfig, description="The model every replica loads.")
+    name: str = Field("SentimentClassifier", min_length=1, description="Deployment name.")
+    num_replicas: int | None = Field(
+        None, ge=1, description="A fixed number of replicas. None: autoscale as `autoscaling` says."
+    )
+    autoscaling: AutoscalingArgs = Field(
+        default_factory=AutoscalingArgs, description="Autoscaling bounds and pace; used when num_replicas is None."
+    )
+    ray_actor_options: ActorOptions = Field(default_factory=ActorOptions, description="Resources per replica.")
+    max_ongoing_requests: int = Field(
+        128,
+        ge=1,
+        description=(
+            "Requests one replica holds at once (Serve's max_ongoing_requests). At least the batch's text "
+            "count, or batches never fill: Serve stops sending requests before a batch is full."
+        ),
+    )
+    max_queued_requests: int = Field(
+        1024,
+        ge=1,
+        description=(
+            "Requests a caller (the HTTP proxy) queues for this deployment when every replica is full; "
+            "beyond it the proxy answers 503 at once instead of growing the queue."
+        ),
+    )
+    batch_max_texts: int | None = Field(
+        None,
+        ge=1,
+        description=(
+            "Most texts one replica gathers from concurrent requests into one batch. None: the model's "
+            "max_batch_size. The classifier then packs the batch into forward passes itself."
+        ),
+    )
+    batch_max_tokens: int | None = Field(
+        None,
+        ge=1,
+        description=(
+            "Most tokens (all windows of all texts) in one gathered batch. None: the model's max_batch_tokens. "
+            "A single request over the budget runs alone."
+        ),
+    )
+    batch_wait_timeout_s: float = Field(
+        0.01,
+        ge=0,
+        description="How long the first request of a batch waits for others before the batch runs.",
+    )
+    max_texts_per_request: int = Field(64, ge=1, description="Most texts in one request; more gets 413.")
+    max_chars_per_text: int = Field(100_000, ge=1, description="Most characters in one text; more gets 413.")
+    api_key: SecretStr | None = Field(
+        None,
+        description=(
+            "Require 'Authorization: Bearer <key>' on every route but /healthz. Prefer api_key_env: "
+            "a key written here ends up in config files."
+        ),
+    )
+    api_key_env: str = Field(
+        DEFAULT_API_KEY_ENV,
+        min_length=1,
+        description=(
+            "Environment variable a replica reads the API key from when api_key is unset; unset or empty: no key."
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _check_consistency(self) -> ServeArgs:
+        if self.num_replicas is not None and "autoscaling" in self.model_fields_set:
+            raise ValueError("give either num_replicas (a fixed count) or autoscaling, not both")
+        texts = self.effective_batch_max_texts
+        if self.max_ongoing_requests < texts:
+            raise ValueError(
+                f"max_ongoing_requests ({self.max_ongoing_requests}) must be at least the batch size "
+                f"({texts} texts, batch_max_texts or model.max_batch_size): with fewer, batches never fill"
+            )
+        return self
+
+    @property
+    def effective_batch_max_texts(self) -> int:
+        return self.batch_max_texts or self.model.max_batch_size
+
+    @property
+    def effective_batch_max_tokens(self) -> int:
+        return self.batch_max_tokens or self.model.max_batch_tokens
+
+    def resolve_api_key(self, environ: Mapping[str, str] | None = None) -> str | None:
+        """The key requests must carry: `api_key`, else the `api_key_env` variable, else None (no key)."""
+        if self.api_key is not None and self.api_key.get_secret_value():
+            return self.api_key.get_secret_value()
+        value = (os.environ if environ is None else environ).get(self.api_key_env, "")
+        return value or None
+
+
+def parse_serve_args(data: ServeArgs | Mapping[str, Any], source: str = "args") -> ServeArgs:
+    """A `ServeArgs` from a mapping (a YAML ``args:`` section), with errors that name each bad field."""
+    if isinstance(data, ServeArgs):
+        return data
+    if not isinstance(data, Mapping):
+        raise InvalidInputError(f"{source} must be a mapping of ServeArgs fields, got {type(data).__name__}")
+    try:
+        return ServeArgs.model_validate(dict(data))
+    except ValidationError as exc:
+        raise InvalidInputError(f"invalid {source}:\n" + format_validation_error(exc, prefix=f"{source}.")) from exc

@@ -1,0 +1,141 @@
+"""``sentiment serve``: run the online endpoint in the foreground on a local Ray (or ``RAY_ADDRESS``).
+
+Flags and the config file are read into `ServeArgs` before Ray is imported, so a typo fails at
+once; ray is imported only when the command runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import ValidationError
+
+from deployments.args import ServeArgs
+from sentiment.cli import UsageError, add_model_arguments, load_config_file, model_config_from_args
+from sentiment.config import format_validation_error
+from sentiment.errors import SentimentError
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8000
+DEFAULT_APP_NAME = "sentiment"
+IMPORT_PATH = "deployments.app:build_app"
+
+
+@dataclass(frozen=True)
+class ServeCommand:
+    """What ``sentiment serve`` runs: the app's args and where its HTTP proxy listens."""
+
+    args: ServeArgs
+    host: str
+    port: int
+    route_prefix: str
+    app_name: str
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}{self.route_prefix.rstrip('/')}/"
+
+
+def register(commands: Any) -> None:
+    """Add the ``serve`` subcommand to the ``sentiment`` command's subparsers."""
+    parser = commands.add_parser(
+        "serve",
+        help="serve the HTTP endpoint on Ray Serve in the foreground (Ctrl-C stops it)",
+        description=(
+            "Start a local Ray (or join RAY_ADDRESS), deploy the classifier behind Ray Serve and serve "
+            "until Ctrl-C. --config takes a Ray Serve config (deployments/serve.yaml: its first "
+            "application's args, route_prefix and name, and http_options) or a plain YAML of ServeArgs "
+            "fields with a 'model' section."
+        ),
+    )
+    add_model_arguments(parser)
+    group = parser.add_argument_group("serving")
+    group.add_argument("--host", help=f"address the HTTP proxy binds (default {DEFAULT_HOST})")
+    group.add_argument("--port", type=int, help=f"HTTP port (default {DEFAULT_PORT})")
+    group.add_argument("--route-prefix", help="URL prefix of the app (default /)")
+    group.add_argument("--num-replicas", type=int, help="a fixed number of replicas instead of autoscaling")
+    parser.set_defaults(handler=run_serve)
+
+
+def command_from_args(args: argparse.Namespace, file_data: Mapping[str, Any]) -> ServeCommand:
+    """Merge the config file and flags (flags win) into a checked `ServeCommand`."""
+    if "applications" in file_data:
+        applications = file_data["applications"]
+        if not isinstance(applications, list) or len(applications) != 1 or not isinstance(applications[0], dict):
+            raise UsageError("applications: sentiment serve runs exactly one application; use `serve run` for more")
+        application = applications[0]
+        if application.get("import_path", IMPORT_PATH) != IMPORT_PATH:
+            raise UsageError(f"applications[0].import_path: must be {IMPORT_PATH}, got {application['import_path']!r}")
+        section = dict(application.get("args") or {})
+        route_prefix = application.get("route_prefix", "/")
+        app_name = application.get("name", DEFAULT_APP_NAME)
+    else:
+        section = {key: value for key, value in file_data.items() if key != "http_options"}
+        route_prefix, app_name = "/", DEFAULT_APP_NAME
+    http = file_data.get("http_options") or {}
+    if not isinstance(http, dict):
+        raise UsageError("http_options: must be a mapping with host and port")
+
+    section["model"] = model_config_from_args(args, {"model": section.get("model")})
+    if args.num_replicas is not None:
+        section["num_replicas"] = args.num_replicas
+        section.pop("autoscaling", None)
+    try:
+        serve_args = ServeArgs.model_validate(section)
+    except ValidationError as exc:
+        raise UsageError(format_validation_error(exc, prefix="args.")) from exc
+    route_prefix = args.route_prefix or route_prefix
+    if not str(route_prefix).startswith("/"):
+        raise UsageError(f"route_prefix: must start with '/', got {route_prefix!r}")
+    port = args.port if args.port is not None else http.get("port", DEFAULT_PORT)
+    if not isinstance(port, int) or not 0 < port < 65536:
+        raise UsageError(f"port: must be a TCP port number, got {port!r}")
+    return ServeCommand(
+        args=serve_args,
+        host=str(args.host or http.get("host") or DEFAULT_HOST),
+        port=port,
+        route_prefix=str(route_prefix),
+        app_name=str(app_name),
+    )
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    """Deploy, print the URL, serve until Ctrl-C (or SIGTERM), then clean up."""
+    command = command_from_args(args, load_config_file(args))
+
+    import ray
+    from ray import serve
+
+    from deployments.app import build_app
+
+    joined = bool(os.environ.get("RAY_ADDRESS"))
+    ray.init()
+    # SIGTERM (docker stop, systemd) cleans up like Ctrl-C.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        serve.start(http_options={"host": command.host, "port": command.port})
+        try:
+            serve.run(build_app(command.args), name=command.app_name, route_prefix=command.route_prefix)
+        except RuntimeError as exc:
+            raise SentimentError(f"the application did not start: {exc}") from exc
+        print(f"Serving {command.args.model.model_id} at {command.url} (API docs: {command.url}docs)", flush=True)
+        print("Press Ctrl-C to stop.", flush=True)
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("Stopping...", file=sys.stderr, flush=True)
+        return 0
+    finally:
+        # On a shared cluster remove only this app; a local Ray started here goes away entirely.
+        if joined:
+            serve.delete(command.app_name)
+        else:
+            serve.shutdown()
+        ray.shutdown()
