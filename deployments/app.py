@@ -125,12 +125,12 @@ class SentimentServer:
         return predictions
 
     def _batch_size(self, batch: list[_Work]) -> int:
-        texts = sum(len(work.encoded) for work in batch)
-        # Tokens in text units: batch_max_tokens tokens count as batch_max_texts texts.
-        tokens_as_texts = math.ceil(
-            sum(work.num_tokens for work in batch) * self.batch_max_texts / self.batch_max_tokens
+        size = batch_size(
+            sum(len(work.encoded) for work in batch),
+            sum(work.num_tokens for work in batch),
+            self.batch_max_texts,
+            self.batch_max_tokens,
         )
-        size = max(texts, tokens_as_texts)
         # Serve fails a lone request bigger than the whole batch; count it as exactly full, so it runs alone.
         return min(size, self.batch_max_texts) if len(batch) == 1 else size
 
@@ -151,6 +151,16 @@ class SentimentServer:
             results.append(predictions[start : start + len(work.encoded)])
             start += len(work.encoded)
         return results
+
+
+def batch_size(texts: int, tokens: int, max_texts: int, max_tokens: int) -> int:
+    """Size of a gathered batch in text units: at most ``max_texts`` exactly when both limits hold.
+
+    Serve's ``@serve.batch`` compares one number with its ``max_batch_size``; counting tokens in
+    text units (``max_tokens`` tokens weigh ``max_texts`` texts) lets that one comparison enforce
+    the text limit and the token limit together.
+    """
+    return max(texts, math.ceil(tokens * max_texts / max_tokens))
 
 
 def replica_model_config(model: ModelConfig, num_gpus: float) -> ModelConfig:

@@ -1,0 +1,505 @@
+"""The Serve app over real HTTP: a real local Ray, tiny checkpoints, loopback only.
+
+One Serve instance serves the module. Two apps stay up for most tests: ``main`` (plain, small
+request limits) and ``guarded`` (API key, a tiny queue, route prefix ``/guarded``). The
+fractional-GPU and autoscaling tests deploy their own app and delete it afterwards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import random
+import socket
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from deployments.app import build_app
+from sentiment.config import ModelConfig
+from sentiment.model import SentimentClassifier
+from sentiment.testing import WORDS
+
+MAX_TEXTS = 8
+MAX_CHARS = 10_000
+API_KEY = "test-key-0123456789"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def review(words: int, rng: random.Random) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(words))
+
+
+def wait_until(condition: Callable[[], bool], timeout_s: float, what: str, interval_s: float = 0.5) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(interval_s)
+    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+
+
+def replica_states(app: str) -> dict[str, int]:
+    from ray import serve
+
+    status = serve.status().applications.get(app)
+    if status is None:
+        return {}
+    (deployment,) = status.deployments.values()
+    return {str(getattr(state, "value", state)): count for state, count in deployment.replica_states.items()}
+
+
+def deploy(apps: dict[str, tuple[dict[str, Any], str]], wait: bool = True) -> None:
+    """Deploy several apps at once, so their replicas start in parallel."""
+    from ray import serve
+    from ray.serve.api import RunTarget
+
+    targets = [RunTarget(build_app(args), name=name, route_prefix=prefix) for name, (args, prefix) in apps.items()]
+    serve.run_many(targets, wait_for_applications_running=wait)
+
+
+@pytest.fixture(scope="module")
+def serve_port(ray_session: Any) -> Iterator[int]:
+    from ray import serve
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    yield port
+    serve.shutdown()
+
+
+def tiny_args(checkpoint: Path, **overrides: Any) -> dict[str, Any]:
+    return {
+        "model": {"model_id": str(checkpoint)},
+        "num_replicas": 1,
+        "ray_actor_options": {"num_cpus": 0.1, "num_gpus": 0},
+        **overrides,
+    }
+
+
+@pytest.fixture(scope="module")
+def urls(serve_port: int, tiny_checkpoint: Path) -> dict[str, str]:
+    deploy(
+        {
+            "main": (
+                tiny_args(
+                    tiny_checkpoint,
+                    max_texts_per_request=MAX_TEXTS,
+                    max_chars_per_text=MAX_CHARS,
+                    batch_wait_timeout_s=0.05,
+                    batch_max_texts=32,
+                    max_ongoing_requests=64,
+                ),
+                "/",
+            ),
+            # Only the metrics test sends requests here, so its counters start from zero.
+            "metered": (tiny_args(tiny_checkpoint, batch_wait_timeout_s=0.05), "/metered"),
+            "guarded": (
+                tiny_args(
+                    tiny_checkpoint,
+                    api_key=API_KEY,
+                    model={"model_id": str(tiny_checkpoint), "long_text": "chunks"},
+                    # Room for one batch in the replica and one request in the proxy's queue.
+                    batch_max_texts=2,
+                    max_ongoing_requests=2,
+                    max_queued_requests=1,
+                    max_chars_per_text=100_000,
+                ),
+                "/guarded",
+            ),
+        }
+    )
+    base = f"http://127.0.0.1:{serve_port}"
+    return {"main": base, "guarded": f"{base}/guarded", "metered": f"{base}/metered"}
+
+
+@pytest.fixture
+def client(urls: dict[str, str]) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=urls["main"], timeout=60) as session:
+        yield session
+
+
+def assert_healthy(client: httpx.Client) -> None:
+    assert client.get("/readyz").status_code == 200
+    response = client.post("/v1/classify", json={"text": "a good film"})
+    assert response.status_code == 200, response.text
+
+
+def expected(classifier: SentimentClassifier, texts: list[str], long_text: Any = None) -> list[dict[str, Any]]:
+    return [p.to_dict() for p in classifier.predict(texts, long_text)]
+
+
+def assert_same_predictions(got: list[dict[str, Any]], want: list[dict[str, Any]]) -> None:
+    assert len(got) == len(want)
+    for g, w in zip(got, want, strict=True):
+        assert g["label"] == w["label"]
+        assert (g["num_tokens"], g["truncated"]) == (w["num_tokens"], w["truncated"])
+        # Batches padded differently change float sums in the last bits only.
+        assert g["score"] == pytest.approx(w["score"], abs=1e-5)
+        assert g["scores"] == pytest.approx(w["scores"], abs=1e-5)
+
+
+# -- routes ------------------------------------------------------------------------------------
+
+
+def test_classify_returns_the_core_classifiers_predictions_in_input_order(
+    client: httpx.Client, classifier: SentimentClassifier
+) -> None:
+    rng = random.Random(1)
+    texts = [review(n, rng) for n in (3, 700, 40, 1, 250, 900)]  # two over 512 tokens, cut head_tail
+    response = client.post("/v1/classify", json={"texts": texts})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["model"] == classifier.config.model_id
+    assert_same_predictions(body["predictions"], expected(classifier, texts))
+    assert [p["truncated"] for p in body["predictions"]] == [False, True, False, False, False, True]
+
+    single = client.post("/v1/classify", json={"text": texts[1], "long_text": "chunks"})
+    assert single.status_code == 200, single.text
+    assert_same_predictions(single.json()["predictions"], expected(classifier, [texts[1]], "chunks"))
+
+
+def test_predict_route_is_tei_compatible(client: httpx.Client, classifier: SentimentClassifier) -> None:
+    text = "the acting was wonderful but the plot was weak"
+    scores = classifier.predict([text])[0].scores
+    ranked = sorted(scores.items(), key=lambda item: item[1], reverse=True)
+
+    one = client.post("/predict", json={"inputs": text}).json()
+    assert [item["label"] for item in one] == [label for label, _ in ranked]
+    assert [item["score"] for item in one] == pytest.approx([score for _, score in ranked], abs=1e-5)
+
+    many = client.post("/predict", json={"inputs": [text, "bad"]}).json()
+    assert len(many) == 2
+    assert [item["label"] for item in many[0]] == [item["label"] for item in one]
+    assert [item["score"] for item in many[0]] == pytest.approx([item["score"] for item in one], abs=1e-5)
+    assert many[1][0]["score"] >= many[1][1]["score"]
+
+    raw = client.post("/predict", json={"inputs": text, "raw_scores": True}).json()
+    assert [item["label"] for item in raw] == [label for label, _ in ranked]
+    assert [item["score"] for item in raw] == pytest.approx([math.log(score) for _, score in ranked], abs=1e-4)
+
+
+def test_predict_truncation_options(client: httpx.Client, classifier: SentimentClassifier) -> None:
+    long_text = review(700, random.Random(2))
+    refused = client.post("/predict", json={"inputs": ["short", long_text], "truncate": False})
+    assert refused.status_code == 413
+    assert refused.json()["error_type"] == "too_large"
+    assert "inputs[1] has 702 tokens" in refused.json()["error"]
+
+    tail = client.post("/predict", json={"inputs": long_text, "truncate": True, "truncation_direction": "Left"})
+    assert tail.status_code == 200
+    want = classifier.predict([long_text], long_text="tail")[0].scores
+    assert {item["label"]: item["score"] for item in tail.json()} == pytest.approx(want, abs=1e-5)
+
+
+def test_hugging_face_inference_client_classifies_against_the_endpoint(
+    urls: dict[str, str], classifier: SentimentClassifier, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import huggingface_hub.constants
+    from huggingface_hub import InferenceClient
+
+    # The test session is offline for the hub; the client's offline switch also blocks loopback URLs.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    text = "a wonderful, moving film"
+    want = classifier.predict([text])[0].scores
+
+    result = InferenceClient(model=urls["main"]).text_classification(text)
+    assert sorted(item.label for item in result) == ["neg", "pos"]
+    assert {item.label: item.score for item in result} == pytest.approx(want, abs=1e-5)
+    assert result[0].score >= result[1].score
+
+    (top,) = InferenceClient(model=urls["main"]).text_classification(text, top_k=1)
+    assert top.label == max(want, key=lambda label: want[label])
+
+    guarded = InferenceClient(model=urls["guarded"], api_key=API_KEY).text_classification(text)
+    assert {item.label for item in guarded} == {"neg", "pos"}
+
+
+def test_health_readiness_info_and_docs(client: httpx.Client, classifier: SentimentClassifier) -> None:
+    assert client.get("/healthz").json() == {"status": "ok"}
+    assert client.get("/readyz").json() == {"status": "ready"}
+    info = client.get("/info").json()
+    assert info["model"] == classifier.config.model_id
+    assert info["revision"] is None
+    assert info["labels"] == ["neg", "pos"]
+    assert info["max_length"] == 512
+    assert info["long_text"] == "head_tail"
+    assert (info["dtype"], info["device"]) == ("fp32", "cpu")
+    assert (info["batch_max_texts"], info["batch_max_tokens"], info["batch_wait_timeout_s"]) == (32, 16384, 0.05)
+    assert (info["max_texts_per_request"], info["max_chars_per_text"]) == (MAX_TEXTS, MAX_CHARS)
+    docs = client.get("/docs")
+    assert docs.status_code == 200
+    assert "swagger" in docs.text.lower()
+    paths = client.get("/openapi.json").json()["paths"]
+    assert {"/v1/classify", "/predict", "/", "/healthz", "/readyz", "/info"} <= set(paths)
+
+
+def test_concurrent_requests_each_get_their_own_answers(urls: dict[str, str], classifier: SentimentClassifier) -> None:
+    rng = random.Random(3)
+    requests = [[review(rng.randint(1, 600), rng) for _ in range(rng.randint(1, 3))] for _ in range(40)]
+
+    async def send_all() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=urls["main"], timeout=60) as session:
+            return await asyncio.gather(*(session.post("/v1/classify", json={"texts": t}) for t in requests))
+
+    responses = asyncio.run(asyncio.wait_for(send_all(), timeout=120))
+    for texts, response in zip(requests, responses, strict=True):
+        assert response.status_code == 200, response.text
+        assert_same_predictions(response.json()["predictions"], expected(classifier, texts))
+
+
+def test_metrics_count_texts_and_batches_gather_several_requests(ray_session: Any, urls: dict[str, str]) -> None:
+    port = ray_session._private.worker.global_worker.node.metrics_export_port
+
+    def scrape() -> dict[str, float]:
+        totals: dict[str, float] = {}
+        for line in httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text.splitlines():
+            if line.startswith("ray_sentiment_") and 'application="metered"' in line:
+                name = line.split("{", 1)[0]
+                totals[name] = totals.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
+        return totals
+
+    rng = random.Random(4)
+    texts = [review(rng.randint(5, 30), rng) for _ in range(24)]
+
+    async def burst() -> list[int]:
+        async with httpx.AsyncClient(base_url=urls["metered"], timeout=60) as session:
+            responses = await asyncio.gather(*(session.post("/v1/classify", json={"text": t}) for t in texts))
+        return [r.status_code for r in responses]
+
+    assert asyncio.run(asyncio.wait_for(burst(), timeout=60)) == [200] * len(texts)
+    with httpx.Client(base_url=urls["metered"], timeout=60) as session:
+        assert session.post("/v1/classify", json={"text": review(800, rng)}).status_code == 200
+
+    # Ray exports every few seconds. The long text went after the burst had its answers, so an
+    # export that counts it also holds every batch of the burst.
+    wait_until(lambda: scrape().get("ray_sentiment_truncated_texts_total", 0) >= 1, 60, "the truncated counter")
+    metrics = scrape()
+    assert metrics["ray_sentiment_texts_total"] == 25
+    assert metrics["ray_sentiment_truncated_texts_total"] == 1
+    assert metrics["ray_sentiment_tokens_total"] >= 512
+    assert metrics["ray_sentiment_requests_total"] >= 25
+    batches = metrics["ray_sentiment_batch_texts_count"]
+    # 24 concurrent requests (and the long one, alone) in fewer batches: requests shared forward passes.
+    assert 1 <= batches < 24
+    assert metrics["ray_sentiment_model_seconds_count"] == batches
+    assert metrics["ray_sentiment_batch_tokens_count"] == batches
+
+
+# -- errors ------------------------------------------------------------------------------------
+
+JSON_TYPE = {"content-type": "application/json"}
+TOO_MANY = ["a"] * (MAX_TEXTS + 1)
+TOO_LONG = "x" * (MAX_CHARS + 1)
+HUGE_BODY = b"[" + b'"x",' * 500_000 + b'"x"]'
+SIGMOID = {"function_to_apply": "sigmoid"}
+
+ERROR_CASES: list[tuple[str, dict[str, Any], int, str, str]] = [
+    # route, httpx request arguments, status, error_type, text the message must contain
+    ("/v1/classify", {"content": b'{"texts": [', "headers": JSON_TYPE}, 400, "malformed", "not valid JSON"),
+    ("/v1/classify", {"content": b"texts=a"}, 400, "malformed", "Content-Type: application/json"),
+    ("/v1/classify", {"json": {"texts": None}}, 422, "validation", "texts must not be null"),
+    ("/v1/classify", {"json": {"text": None}}, 422, "validation", "text must not be null"),
+    ("/v1/classify", {"json": {"texts": []}}, 400, "empty", "texts is empty"),
+    ("/v1/classify", {"json": {"texts": ["ok", 5]}}, 422, "validation", "texts[1]: Input should be a valid string"),
+    ("/v1/classify", {"json": {"texts": "one string"}}, 422, "validation", "texts: Input should be a valid list"),
+    ("/v1/classify", {"json": {"texts": [None]}}, 422, "validation", "texts[0]"),
+    ("/v1/classify", {"json": {}}, 422, "validation", "exactly one of 'text'"),
+    ("/v1/classify", {"json": [1, 2]}, 422, "validation", "body"),
+    ("/v1/classify", {"json": {"texts": ["a"], "text": "b"}}, 422, "validation", "exactly one of"),
+    ("/v1/classify", {"json": {"texts": ["a"], "txt": "b"}}, 422, "validation", "txt: Extra inputs are not permitted"),
+    ("/v1/classify", {"json": {"texts": ["a"], "long_text": "middle"}}, 422, "validation", "long_text"),
+    ("/v1/classify", {"json": {"texts": TOO_MANY}}, 413, "too_large", f"at most {MAX_TEXTS} per request"),
+    (
+        "/v1/classify",
+        {"json": {"texts": ["a", TOO_LONG]}},
+        413,
+        "too_large",
+        f"texts[1] has {MAX_CHARS + 1} characters",
+    ),
+    ("/v1/classify", {"json": {"text": TOO_LONG}}, 413, "too_large", "text has"),
+    ("/v1/classify", {"json": {"texts": ["fine", "  "]}}, 400, "empty", "texts[1] is empty"),
+    ("/v1/classify", {"json": {"text": ""}}, 400, "empty", "text is empty"),
+    ("/v1/classify", {"content": HUGE_BODY, "headers": JSON_TYPE}, 413, "too_large", "bytes"),
+    ("/predict", {"json": {"inputs": None}}, 422, "validation", "inputs"),
+    ("/predict", {"json": {"inputs": []}}, 400, "empty", "inputs is empty"),
+    ("/predict", {"json": {"inputs": "x", "raw_scores": "very"}}, 422, "validation", "raw_scores"),
+    ("/predict", {"json": {"input": "x"}}, 422, "validation", "inputs: Field required"),
+    ("/", {"json": {"inputs": "x", "parameters": SIGMOID}}, 422, "validation", "function_to_apply"),
+    ("/", {"json": {"inputs": "x", "parameters": {"top_k": 0}}}, 422, "validation", "parameters.top_k"),
+    ("/nowhere", {"json": {}}, 404, "not_found", "Not Found"),
+]
+
+
+@pytest.mark.parametrize(("route", "request_args", "status", "error_type", "message"), ERROR_CASES)
+def test_bad_requests_get_a_json_error_naming_the_problem_and_the_server_stays_healthy(
+    client: httpx.Client, route: str, request_args: dict[str, Any], status: int, error_type: str, message: str
+) -> None:
+    response = client.post(route, **request_args)
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert body["error_type"] == error_type
+    assert message in body["error"]
+    assert_healthy(client)
+
+
+def test_a_chunked_body_over_the_limit_is_refused(client: httpx.Client) -> None:
+    def chunks() -> Iterator[bytes]:
+        yield b'{"texts": ['
+        for _ in range(200):
+            yield b'"' + b"x" * 9_000 + b'",'
+        yield b'"x"]}'
+
+    response = client.post("/v1/classify", content=chunks(), headers={"content-type": "application/json"})
+    assert response.status_code == 413
+    assert response.json()["error_type"] == "too_large"
+    assert_healthy(client)
+
+
+# -- API key and overload ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("method", "route"),
+    [
+        ("POST", "/v1/classify"),
+        ("POST", "/predict"),
+        ("POST", "/"),
+        ("GET", "/info"),
+        ("GET", "/readyz"),
+        ("GET", "/docs"),
+        ("GET", "/openapi.json"),
+    ],
+)
+def test_api_key_is_required_on_every_route_but_healthz(urls: dict[str, str], method: str, route: str) -> None:
+    body = {"texts": ["good"]} if route == "/v1/classify" else {"inputs": "good"}
+    kwargs: dict[str, Any] = {"json": body} if method == "POST" else {}
+    with httpx.Client(base_url=urls["guarded"], timeout=60) as session:
+        missing = session.request(method, route, **kwargs)
+        assert missing.status_code == 401
+        assert missing.json()["error_type"] == "unauthorized"
+        assert missing.headers["www-authenticate"] == "Bearer"
+        wrong = session.request(method, route, headers={"Authorization": f"Bearer {API_KEY}x"}, **kwargs)
+        assert wrong.status_code == 401
+        right = session.request(method, route, headers={"Authorization": f"Bearer {API_KEY}"}, **kwargs)
+        assert right.status_code == 200, right.text
+        assert session.get("/healthz").status_code == 200
+
+
+def test_overload_is_refused_with_503_not_queued_without_bound(
+    urls: dict[str, str], classifier: SentimentClassifier
+) -> None:
+    rng = random.Random(5)
+    # Two 99,000-character reviews under 'chunks' keep the tiny model busy for about a second.
+    texts = [review(17_000, rng)[:99_000] for _ in range(2)]
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+
+    async def burst() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=urls["guarded"], timeout=120, headers=headers) as session:
+            return await asyncio.gather(*(session.post("/v1/classify", json={"texts": texts}) for _ in range(10)))
+
+    responses = asyncio.run(asyncio.wait_for(burst(), timeout=180))
+    statuses = sorted(r.status_code for r in responses)
+    # The replica holds 2 requests and the proxy queues 1 more; the rest are refused at once.
+    assert set(statuses) == {200, 503}
+    assert statuses.count(200) >= 3
+    assert statuses.count(503) >= 1
+    want = expected(SentimentClassifier(ModelConfig(model_id=classifier.config.model_id, long_text="chunks")), texts)
+    for response in responses:
+        if response.status_code == 200:
+            assert_same_predictions(response.json()["predictions"], want)
+    with httpx.Client(base_url=urls["guarded"], timeout=60, headers=headers) as session:
+        assert session.get("/readyz").status_code == 200
+
+
+# -- replicas ------------------------------------------------------------------------------------
+
+
+def test_four_quarter_gpu_replicas_share_one_gpu_and_a_fifth_is_not_scheduled(
+    ray_session: Any, serve_port: int, tiny_checkpoint: Path
+) -> None:
+    from ray import serve
+
+    app = "fractional"
+    quarter_gpu = {"num_cpus": 0.1, "num_gpus": 0.25}
+    deploy(
+        {app: (tiny_args(tiny_checkpoint, num_replicas=5, ray_actor_options=quarter_gpu), "/fractional")}, wait=False
+    )
+    try:
+        wait_until(lambda: replica_states(app).get("RUNNING") == 4, 180, "four running replicas", interval_s=1)
+        time.sleep(3)
+        states = replica_states(app)
+        assert states.get("RUNNING") == 4
+        assert sum(states.values()) == 5  # the fifth waits for a GPU share that does not exist
+        assert ray_session.available_resources().get("GPU", 0.0) == pytest.approx(0.0, abs=1e-6)
+        with httpx.Client(base_url=f"http://127.0.0.1:{serve_port}/fractional", timeout=60) as session:
+            info = session.get("/info").json()
+            assert session.post("/v1/classify", json={"text": "good"}).status_code == 200
+        # The logical GPU has no CUDA device behind it: the replica runs on the CPU and logs why.
+        assert (info["replica_gpus"], info["device"]) == (0.25, "cpu")
+        logs = Path(ray_session._private.worker.global_worker.node.get_session_dir_path()) / "logs" / "serve"
+        replica_logs = [path.read_text(errors="replace") for path in logs.glob(f"replica_{app}_*.log")]
+        assert sum("torch sees no CUDA device" in text for text in replica_logs) >= 4
+    finally:
+        serve.delete(app)
+
+
+def test_autoscaling_grows_under_a_burst_and_shrinks_back(serve_port: int, tiny_checkpoint: Path) -> None:
+    from ray import serve
+
+    app = "autoscaled"
+    args = tiny_args(
+        tiny_checkpoint,
+        num_replicas=None,
+        autoscaling={
+            "min_replicas": 1,
+            "max_replicas": 3,
+            "target_ongoing_requests": 2,
+            "upscale_delay_s": 0,
+            "downscale_delay_s": 1,
+            "look_back_period_s": 2,
+        },
+        # Each request waits for company for 0.2 s, so 12 clients keep about 12 requests ongoing.
+        batch_wait_timeout_s=0.2,
+        batch_max_texts=16,
+        max_ongoing_requests=16,
+    )
+    deploy({app: (args, "/autoscaled")})
+    try:
+        assert replica_states(app) == {"RUNNING": 1}
+        peak = 0
+
+        async def burst() -> list[int]:
+            nonlocal peak
+            statuses: list[int] = []
+            deadline = time.monotonic() + 120
+
+            async def client_loop(session: httpx.AsyncClient) -> None:
+                while peak < 2 and time.monotonic() < deadline and len(statuses) < 20_000:
+                    statuses.append((await session.post("/v1/classify", json={"text": "a good film"})).status_code)
+
+            async def watch() -> None:
+                nonlocal peak
+                while peak < 2 and time.monotonic() < deadline:
+                    peak = max(peak, (await asyncio.to_thread(replica_states, app)).get("RUNNING", 0))
+                    await asyncio.sleep(1)
+
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{serve_port}/autoscaled", timeout=60) as session:
+                await asyncio.gather(watch(), *(client_loop(session) for _ in range(12)))
+            return statuses
+
+        statuses = asyncio.run(burst())
+        assert peak >= 2, f"replicas never grew past 1 in {len(statuses)} requests"
+        assert set(statuses) == {200}
+        wait_until(lambda: replica_states(app) == {"RUNNING": 1}, 120, "the replicas to shrink back to 1", 1)
+    finally:
+        serve.delete(app)

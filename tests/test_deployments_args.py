@@ -1,0 +1,166 @@
+"""`ServeArgs`, the shipped serve.yaml and the pure pieces of the Serve app, without starting Ray."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from pydantic import SecretStr
+
+from deployments.app import batch_size, deployment_options, replica_model_config
+from deployments.args import ServeArgs, parse_serve_args
+from sentiment.config import ModelConfig
+from sentiment.errors import InvalidInputError
+
+SERVE_YAML = Path(__file__).resolve().parents[1] / "deployments" / "serve.yaml"
+
+
+def shipped_args() -> ServeArgs:
+    (application,) = yaml.safe_load(SERVE_YAML.read_text())["applications"]
+    return parse_serve_args(application["args"])
+
+
+def test_defaults_follow_the_issue() -> None:
+    args = ServeArgs()
+    assert args.max_texts_per_request == 64
+    assert args.max_chars_per_text == 100_000
+    assert args.effective_batch_max_texts == 64
+    assert args.effective_batch_max_tokens == 16384
+    assert args.max_ongoing_requests >= args.effective_batch_max_texts
+    assert args.api_key is None
+
+
+def test_max_ongoing_requests_below_the_batch_size_is_refused() -> None:
+    with pytest.raises(InvalidInputError, match=r"max_ongoing_requests \(16\) must be at least the batch size \(32"):
+        parse_serve_args({"max_ongoing_requests": 16, "batch_max_texts": 32})
+    # The model's forward batch size is the default gathered batch size.
+    with pytest.raises(InvalidInputError, match="batch size"):
+        parse_serve_args({"max_ongoing_requests": 8, "model": {"max_batch_size": 16}})
+    assert parse_serve_args({"max_ongoing_requests": 8, "model": {"max_batch_size": 8}}).max_ongoing_requests == 8
+
+
+@pytest.mark.parametrize(
+    ("data", "field"),
+    [
+        ({"model": {"dtype": "int3"}}, "args.model.dtype"),
+        ({"max_texts_per_request": 0}, "args.max_texts_per_request"),
+        ({"ray_actor_options": {"num_gpus": "half"}}, "args.ray_actor_options.num_gpus"),
+        ({"autoscaling": {"min_replicas": 5, "max_replicas": 2}}, "min_replicas (5) exceeds max_replicas (2)"),
+        ({"num_replicas": 2, "autoscaling": {"max_replicas": 3}}, "either num_replicas"),
+        ({"max_ongoing_request": 10}, "args.max_ongoing_request: Extra inputs are not permitted"),
+    ],
+)
+def test_bad_args_name_the_field(data: dict[str, object], field: str) -> None:
+    with pytest.raises(InvalidInputError) as error:
+        parse_serve_args(data)
+    assert field in str(error.value)
+
+
+def test_api_key_comes_from_the_config_or_the_environment() -> None:
+    assert ServeArgs().resolve_api_key({}) is None
+    assert ServeArgs().resolve_api_key({"SENTIMENT_API_KEY": "from-env"}) == "from-env"
+    assert ServeArgs().resolve_api_key({"SENTIMENT_API_KEY": ""}) is None
+    assert ServeArgs(api_key_env="MY_KEY").resolve_api_key({"MY_KEY": "k2", "SENTIMENT_API_KEY": "x"}) == "k2"
+    configured = ServeArgs(api_key=SecretStr("from-config"))
+    assert configured.resolve_api_key({"SENTIMENT_API_KEY": "from-env"}) == "from-config"
+    # A secret never shows in reprs or logs of the args.
+    assert "from-config" not in repr(configured)
+
+
+def test_auto_gpus_give_four_replicas_per_gpu_on_a_gpu_cluster_and_cpu_replicas_otherwise() -> None:
+    args = shipped_args()
+    assert args.ray_actor_options.num_gpus == "auto"
+    on_gpus = deployment_options(args, cluster_gpus=1)
+    assert on_gpus["ray_actor_options"] == {"num_cpus": 1, "num_gpus": 0.25}
+    assert on_gpus["autoscaling_config"]["max_replicas"] * 0.25 == 1
+    assert deployment_options(args, cluster_gpus=0)["ray_actor_options"] == {"num_cpus": 1, "num_gpus": 0.0}
+
+
+def test_deployment_options_come_from_the_args() -> None:
+    args = parse_serve_args(
+        {
+            "num_replicas": 3,
+            "ray_actor_options": {"num_cpus": 2, "num_gpus": 0.5},
+            "max_ongoing_requests": 70,
+            "max_queued_requests": 9,
+        }
+    )
+    assert deployment_options(args, cluster_gpus=0) == {
+        "name": "SentimentClassifier",
+        "ray_actor_options": {"num_cpus": 2, "num_gpus": 0.5},
+        "max_ongoing_requests": 70,
+        "max_queued_requests": 9,
+        "num_replicas": 3,
+    }
+    autoscaled = deployment_options(ServeArgs(), cluster_gpus=0)
+    assert "num_replicas" not in autoscaled
+    assert autoscaled["autoscaling_config"] == {
+        "min_replicas": 1,
+        "max_replicas": 4,
+        "target_ongoing_requests": 32,
+        "upscale_delay_s": 10,
+        "downscale_delay_s": 300,
+        "look_back_period_s": 10,
+    }
+
+
+def test_shipped_serve_yaml_is_a_valid_ray_serve_config() -> None:
+    from ray.serve.schema import ServeDeploySchema
+
+    config = ServeDeploySchema.model_validate(yaml.safe_load(SERVE_YAML.read_text()))
+    (application,) = config.applications
+    assert application.import_path == "deployments.app:build_app"
+    assert config.http_options.host == "127.0.0.1"
+    args = shipped_args()
+    assert args.model.model_id == "lvwerra/bert-imdb"
+    assert args.max_ongoing_requests >= args.effective_batch_max_texts
+
+
+@pytest.mark.parametrize(
+    ("texts", "tokens", "expected"),
+    [
+        (1, 10, 1),
+        (64, 100, 64),  # full by count
+        (10, 16384, 64),  # full by tokens
+        (10, 16385, 65),  # one token over: does not fit
+        (65, 10, 65),
+        (3, 1000, 4),  # 1000 tokens weigh 3.9 texts
+    ],
+)
+def test_batch_size_is_full_when_either_limit_is_reached(texts: int, tokens: int, expected: int) -> None:
+    assert batch_size(texts, tokens, max_texts=64, max_tokens=16384) == expected
+
+
+def test_replica_without_cuda_falls_back_to_cpu_and_caps_memory_only_on_a_gpu() -> None:
+    model = ModelConfig(model_id="x", device="cuda")
+    # torch here is a CPU build: a replica given a GPU share runs on the CPU.
+    assert replica_model_config(model, num_gpus=0.25).device == "cpu"
+    assert replica_model_config(ModelConfig(model_id="x"), num_gpus=0.0) == ModelConfig(model_id="x")
+
+
+@pytest.mark.gpu
+def test_fractional_gpu_replica_caps_its_cuda_memory() -> None:
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    assert replica_model_config(ModelConfig(model_id="x"), num_gpus=0.25).gpu_memory_fraction == 0.25
+    assert replica_model_config(ModelConfig(model_id="x", gpu_memory_fraction=0.1), 0.25).gpu_memory_fraction == 0.1
+
+
+@pytest.mark.parametrize("module", ["deployments.args", "deployments.cli", "deployments.schemas"])
+def test_config_modules_import_without_ray_or_torch(module: str) -> None:
+    code = f"import sys, {module}; print(sorted(m for m in ('ray', 'torch', 'transformers') if m in sys.modules))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
+
+
+def test_app_module_imports_without_torch_or_starting_ray() -> None:
+    code = (
+        "import sys, deployments.app, ray; "
+        "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules), ray.is_initialized())"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[] False"
