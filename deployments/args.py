@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic_core import PydanticCustomError
 
 from sentiment.config import ModelConfig, format_validation_error
 from sentiment.errors import InvalidInputError
@@ -19,6 +20,11 @@ from sentiment.errors import InvalidInputError
 # bf16 needs under 1 GiB of weights, so one replica alone leaves most of a modern GPU idle.
 AUTO_GPU_FRACTION = 0.25
 DEFAULT_API_KEY_ENV = "SENTIMENT_API_KEY"
+
+
+def _invalid(message: str) -> PydanticCustomError:
+    # Unlike ValueError, a custom error keeps pydantic from prefixing the message with "Value error, ".
+    return PydanticCustomError("invalid_serve_args", message)
 
 
 class ActorOptions(BaseModel):
@@ -63,14 +69,21 @@ class AutoscalingArgs(BaseModel):
     downscale_delay_s: float = Field(
         300, ge=0, description="How long load must stay low before removing replicas (a GPU replica is slow to start)."
     )
-    look_back_period_s: float = Field(10, gt=0, description="Window over which ongoing requests are averaged.")
+    look_back_period_s: float = Field(
+        30,
+        gt=10,
+        description=(
+            "Window over which ongoing requests are averaged; longer than Serve's 10 s metrics interval "
+            "(Serve warns otherwise), so a short spike does not add a slow-starting replica."
+        ),
+    )
 
     @model_validator(mode="after")
     def _check_range(self) -> AutoscalingArgs:
         if self.min_replicas > self.max_replicas:
-            raise ValueError(f"min_replicas ({self.min_replicas}) exceeds max_replicas ({self.max_replicas})")
+            raise _invalid(f"min_replicas ({self.min_replicas}) exceeds max_replicas ({self.max_replicas})")
         if self.initial_replicas is not None and not self.min_replicas <= self.initial_replicas <= self.max_replicas:
-            raise ValueError(
+            raise _invalid(
                 f"initial_replicas ({self.initial_replicas}) must lie between min_replicas "
                 f"({self.min_replicas}) and max_replicas ({self.max_replicas})"
             )
@@ -148,10 +161,10 @@ class ServeArgs(BaseModel):
     @model_validator(mode="after")
     def _check_consistency(self) -> ServeArgs:
         if self.num_replicas is not None and "autoscaling" in self.model_fields_set:
-            raise ValueError("give either num_replicas (a fixed count) or autoscaling, not both")
+            raise _invalid("give either num_replicas (a fixed count) or autoscaling, not both")
         texts = self.effective_batch_max_texts
         if self.max_ongoing_requests < texts:
-            raise ValueError(
+            raise _invalid(
                 f"max_ongoing_requests ({self.max_ongoing_requests}) must be at least the batch size "
                 f"({texts} texts, batch_max_texts or model.max_batch_size): with fewer, batches never fill"
             )

@@ -466,7 +466,7 @@ def test_autoscaling_grows_under_a_burst_and_shrinks_back(serve_port: int, tiny_
             "target_ongoing_requests": 2,
             "upscale_delay_s": 0,
             "downscale_delay_s": 1,
-            "look_back_period_s": 2,
+            "look_back_period_s": 11,  # Serve wants it above its 10 s metrics interval
         },
         # Each request waits for company for 0.2 s, so 12 clients keep about 12 requests ongoing.
         batch_wait_timeout_s=0.2,

@@ -103,7 +103,7 @@ def test_deployment_options_come_from_the_args() -> None:
         "target_ongoing_requests": 32,
         "upscale_delay_s": 10,
         "downscale_delay_s": 300,
-        "look_back_period_s": 10,
+        "look_back_period_s": 30,
     }
 
 

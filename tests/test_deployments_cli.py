@@ -1,0 +1,142 @@
+"""``sentiment serve`` and ``serve run deployments/serve.yaml``: config merging, then both for real.
+
+The end-to-end tests start their own Ray in a subprocess (that is what the commands do), serve a
+tiny checkpoint on a free loopback port, and stop with Ctrl-C (SIGINT).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from deployments.cli import command_from_args
+from sentiment.cli import build_parser, load_config_file, main
+
+REPO = Path(__file__).resolve().parents[1]
+SERVE_YAML = REPO / "deployments" / "serve.yaml"
+
+
+def command(*argv: str):  # type: ignore[no-untyped-def]
+    args = build_parser().parse_args(["serve", *argv])
+    return command_from_args(args, load_config_file(args))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_serve_reads_the_shipped_ray_serve_config_and_flags_win() -> None:
+    plain = command("--config", str(SERVE_YAML))
+    assert (plain.host, plain.port, plain.route_prefix, plain.app_name) == ("127.0.0.1", 8000, "/", "sentiment")
+    assert plain.args.model.model_id == "lvwerra/bert-imdb"
+    assert plain.args.ray_actor_options.num_gpus == "auto"
+    assert plain.url == "http://127.0.0.1:8000/"
+
+    flagged = command(
+        "--config", str(SERVE_YAML), "--model", "./ckpt", "--port", "9001", "--host", "0.0.0.0", "--num-replicas", "2"
+    )
+    assert (flagged.host, flagged.port) == ("0.0.0.0", 9001)
+    assert flagged.args.model.model_id == "./ckpt"
+    assert flagged.args.model.long_text == "head_tail"  # the file's value, no flag given
+    assert flagged.args.num_replicas == 2
+
+
+def test_serve_reads_a_plain_file_of_serve_args(tmp_path: Path) -> None:
+    config = tmp_path / "serve.yaml"
+    config.write_text(
+        "model:\n  model_id: ./m\n  dtype: bf16\nmax_texts_per_request: 10\n"
+        "http_options:\n  port: 8100\nautoscaling:\n  max_replicas: 8\n"
+    )
+    parsed = command("--config", str(config), "--route-prefix", "/sentiment")
+    assert (parsed.args.model.model_id, parsed.args.model.dtype) == ("./m", "bf16")
+    assert parsed.args.max_texts_per_request == 10
+    assert parsed.args.autoscaling.max_replicas == 8
+    assert (parsed.port, parsed.route_prefix) == (8100, "/sentiment")
+    assert parsed.url == "http://127.0.0.1:8100/sentiment/"
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("max_ongoing_requests: 4\n", "args: max_ongoing_requests (4) must be at least the batch size"),
+        ("max_texts_per_requests: 4\n", "args.max_texts_per_requests: Extra inputs are not permitted"),
+        ("model:\n  long_text: middle\n", "model.long_text"),
+        ("http_options:\n  port: huge\n", "port: must be a TCP port number"),
+        ("applications:\n  - {import_path: x:y}\n", "applications[0].import_path: must be deployments.app:build_app"),
+        ("applications: []\n", "exactly one application"),
+    ],
+)
+def test_bad_serve_config_exits_2_naming_the_field_before_starting_ray(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], content: str, message: str
+) -> None:
+    config = tmp_path / "bad.yaml"
+    config.write_text(content)
+    assert main(["serve", "--config", str(config)]) == 2
+    assert message in capsys.readouterr().err
+
+
+def _environment() -> dict[str, str]:
+    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(REPO))
+    return env
+
+
+def _serve_until_interrupted(argv: list[str], port: int, prefix: str = "") -> str:
+    """Run a serving command, check it answers, Ctrl-C it; its output."""
+    process = subprocess.Popen(
+        argv, cwd=REPO, env=_environment(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    try:
+        base = f"http://127.0.0.1:{port}{prefix}"
+        deadline = time.monotonic() + 240
+        ready = False
+        while not ready and time.monotonic() < deadline and process.poll() is None:
+            try:
+                ready = httpx.get(f"{base}/readyz", timeout=5).status_code == 200
+            except httpx.HTTPError:
+                time.sleep(1)
+        assert ready, f"no answer on {base} (exit status {process.poll()})"
+        response = httpx.post(f"{base}/v1/classify", json={"texts": ["a good film", "bad"]}, timeout=60)
+        assert response.status_code == 200
+        assert [p["num_tokens"] for p in response.json()["predictions"]] == [5, 3]
+        process.send_signal(signal.SIGINT)
+        output, _ = process.communicate(timeout=90)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    assert process.returncode == 0, output[-3000:]
+    return output
+
+
+def test_sentiment_serve_serves_prints_the_url_and_stops_cleanly_on_ctrl_c(tiny_checkpoint: Path) -> None:
+    port = free_port()
+    output = _serve_until_interrupted(
+        [sys.executable, "-m", "sentiment", "serve", "--model", str(tiny_checkpoint), "--port", str(port)], port
+    )
+    assert f"Serving {tiny_checkpoint} at http://127.0.0.1:{port}/" in output
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5)
+
+
+def test_ray_serve_cli_runs_the_shipped_config(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    config = yaml.safe_load(SERVE_YAML.read_text())
+    port = free_port()
+    config["http_options"]["port"] = port
+    config["applications"][0]["route_prefix"] = "/sentiment"
+    config["applications"][0]["args"]["model"]["model_id"] = str(tiny_checkpoint)
+    path = tmp_path / "serve.yaml"
+    path.write_text(yaml.safe_dump(config))
+    serve_cli = Path(sys.executable).parent / "serve"
+    _serve_until_interrupted([str(serve_cli), "run", str(path)], port, prefix="/sentiment")
