@@ -102,8 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _extra_commands() -> list[Callable[[Any], None]]:
     """Subcommands defined next to the code they drive (Serve, Ray Data); none imports ray here."""
     from deployments.cli import register as register_serve
+    from pipelines.cli import register as register_batch
 
-    return [register_serve]
+    return [register_serve, register_batch]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

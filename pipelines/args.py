@@ -1,0 +1,143 @@
+"""`PipelineArgs`: every option of the offline batch job, typed, with the shared `ModelConfig` inside.
+
+A YAML file's ``model:`` and ``batch:`` sections and ``sentiment batch`` flags are read into this one
+object; `pipelines.batch.run` executes it. Nothing here imports ray.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from sentiment.config import ModelConfig, format_validation_error
+from sentiment.errors import InvalidInputError
+
+
+class PipelineArgs(BaseModel):
+    """The batch job: which Parquet to read and write, the model, and the actor pool that runs it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: ModelConfig = Field(
+        default_factory=ModelConfig,
+        description="The model every actor loads; model.text_column names the column that holds the reviews.",
+    )
+    input: str | list[str] = Field(
+        description=(
+            "Parquet input: a file, a directory (its *.parquet files, recursively), a glob, or a list of "
+            "these; local paths or any URI pyarrow knows (s3://, gs://, ...)."
+        ),
+    )
+    output: str = Field(
+        min_length=1,
+        description="Output directory (local path or URI); it receives Parquet parts and a _SUCCESS marker.",
+    )
+    keep: list[str] | None = Field(
+        None,
+        description=(
+            "Input columns to carry into the output, in this order. None: all of them. The text column "
+            "is read either way, but written only when kept."
+        ),
+    )
+    min_actors: int = Field(1, ge=1, description="Fewest model actors in the pool.")
+    max_actors: int = Field(1, ge=1, description="Most model actors in the pool; Ray Data scales between the two.")
+    num_gpus: float = Field(
+        0,
+        ge=0,
+        description=(
+            "GPUs per actor; a fraction packs several actors on one card. Unless model.gpu_memory_fraction "
+            "is set, a fractional actor caps its CUDA memory to this fraction."
+        ),
+    )
+    num_cpus: float = Field(1, gt=0, description="Logical CPUs each actor reserves from Ray.")
+    cpu_threads: int | None = Field(
+        None,
+        ge=1,
+        description=(
+            "Threads each actor's forward pass uses on CPU (its OMP_NUM_THREADS). None: Ray's default, the "
+            "actor's num_cpus. On a small machine, one actor with all cores as threads beats one per core."
+        ),
+    )
+    batch_size: int = Field(
+        256,
+        ge=1,
+        description=(
+            "Rows per call of the model actor. The classifier sorts each call's rows by length and packs "
+            "them under model.max_batch_tokens, so larger calls waste less on padding."
+        ),
+    )
+    output_file_bytes: int | None = Field(
+        32 * 2**20,
+        ge=1,
+        description=(
+            "Gather output rows until about this many bytes (in memory, before compression) before writing "
+            "a file. None: one file per model batch. Bigger files suit downstream readers; smaller ones are "
+            "written sooner, so an interrupted run has more complete input files to resume from."
+        ),
+    )
+    overwrite: bool = Field(False, description="Replace an output directory that already holds results.")
+    resume: bool = Field(
+        False,
+        description=(
+            "Continue an interrupted run: keep the outputs of input files that are complete, process the rest."
+        ),
+    )
+
+    @field_validator("input")
+    @classmethod
+    def _check_input(cls, value: str | list[str]) -> str | list[str]:
+        items = [value] if isinstance(value, str) else value
+        if not items or any(not item for item in items):
+            raise ValueError("input must name at least one file, directory or glob, and no empty path")
+        return value
+
+    @field_validator("keep")
+    @classmethod
+    def _check_keep(cls, value: list[str] | None) -> list[str] | None:
+        if value is None:
+            return None
+        if not value or any(not name for name in value):
+            raise ValueError("keep must list at least one column name, and no empty name")
+        if len(set(value)) != len(value):
+            raise ValueError(f"keep lists a column twice: {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _check_consistency(self) -> PipelineArgs:
+        if self.min_actors > self.max_actors:
+            raise ValueError(f"min_actors ({self.min_actors}) exceeds max_actors ({self.max_actors})")
+        if self.overwrite and self.resume:
+            raise ValueError("give either overwrite (start over) or resume (continue), not both")
+        return self
+
+    @property
+    def inputs(self) -> list[str]:
+        """`input` as a list."""
+        return [self.input] if isinstance(self.input, str) else list(self.input)
+
+    @property
+    def text_column(self) -> str:
+        return self.model.text_column
+
+    def actor_model_config(self) -> ModelConfig:
+        """The `ModelConfig` actors load: a fractional-GPU actor caps its CUDA memory to its share.
+
+        Ray does not isolate fractional GPUs, so without a cap one actor could take the whole card.
+        """
+        if 0 < self.num_gpus < 1 and self.model.gpu_memory_fraction is None:
+            return self.model.model_copy(update={"gpu_memory_fraction": self.num_gpus})
+        return self.model
+
+
+def parse_pipeline_args(data: PipelineArgs | Mapping[str, Any], source: str = "batch") -> PipelineArgs:
+    """A `PipelineArgs` from a mapping (a YAML ``batch:`` section plus ``model``), errors naming each bad field."""
+    if isinstance(data, PipelineArgs):
+        return data
+    if not isinstance(data, Mapping):
+        raise InvalidInputError(f"{source} must be a mapping of PipelineArgs fields, got {type(data).__name__}")
+    try:
+        return PipelineArgs.model_validate(dict(data))
+    except ValidationError as exc:
+        raise InvalidInputError(f"invalid {source}:\n" + format_validation_error(exc, prefix=f"{source}.")) from exc

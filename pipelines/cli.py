@@ -1,0 +1,138 @@
+"""``sentiment batch`` and ``sentiment eval``: flags and a YAML file's sections, read into `PipelineArgs`.
+
+A config file holds `ModelConfig` fields under ``model:`` and `PipelineArgs` fields under ``batch:``.
+
+Nothing here imports ray: the handlers import `pipelines.batch` and `pipelines.eval`, which import
+it only when a job runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from typing import Any
+
+from pipelines.args import PipelineArgs, parse_pipeline_args
+from sentiment.cli import UsageError, add_model_arguments, load_config_file, model_config_from_args
+from sentiment.errors import InvalidInputError
+
+_ACTORS = re.compile(r"^(\d+)(?:-(\d+))?$")
+# Flag name -> PipelineArgs field, for flags that map one to one.
+_PIPELINE_FLAGS = {
+    "num_gpus": "num_gpus",
+    "num_cpus": "num_cpus",
+    "cpu_threads": "cpu_threads",
+    "batch_size": "batch_size",
+    "output_file_bytes": "output_file_bytes",
+}
+
+
+def register(commands: Any) -> None:
+    """Add the ``batch`` and ``eval`` subcommands to ``sentiment``'s subparsers."""
+    batch = commands.add_parser(
+        "batch",
+        help="score Parquet reviews with Ray Data and write Parquet",
+        description=(
+            "Score a Parquet corpus on a Ray Data actor pool; write every input row once, with the input "
+            "columns and the predictions. Runs on a local Ray, or on the cluster named by RAY_ADDRESS."
+        ),
+    )
+    batch.add_argument(
+        "paths",
+        nargs="*",
+        metavar="PATH",
+        help="INPUT ... OUTPUT: input files, directories or globs (local or s3://, gs://, ...), then the output "
+        "directory; both may come from the config file's batch section instead",
+    )
+    _add_pool_arguments(batch)
+    batch.add_argument("--keep", metavar="COLUMNS", help="comma-separated input columns to write (default: all)")
+    batch.add_argument("--overwrite", action="store_true", default=None, help="replace an existing output")
+    batch.add_argument("--resume", action="store_true", default=None, help="continue an interrupted run")
+    batch.set_defaults(handler=_run_batch)
+
+    evaluate = commands.add_parser(
+        "eval",
+        help="classification report of scored (or to-be-scored) Parquet against gold labels",
+        description=(
+            "Precision, recall, F1 per class, accuracy, macro and weighted averages and the confusion "
+            "matrix. PATH is the output of `sentiment batch`, or an input that is scored first."
+        ),
+    )
+    evaluate.add_argument("path", metavar="PATH", help="Parquet file or directory with gold labels")
+    evaluate.add_argument(
+        "--label-column", default="label", help="gold label column: neg/pos names or 0/1 (default: label)"
+    )
+    evaluate.add_argument("--json", action="store_true", help="print the numbers as JSON")
+    _add_pool_arguments(evaluate)
+    evaluate.set_defaults(handler=_run_eval)
+
+
+def _add_pool_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("batch job")
+    group.add_argument("--text-column", help="column that holds the reviews (default: text)")
+    group.add_argument("--actors", metavar="MIN-MAX", help="model actors: a fixed N or an autoscaling MIN-MAX")
+    group.add_argument("--num-gpus", type=float, help="GPUs per actor, e.g. 0.25 (default: 0)")
+    group.add_argument("--num-cpus", type=float, help="logical CPUs per actor (default: 1)")
+    group.add_argument("--cpu-threads", type=int, help="torch threads per CPU actor (default: its num-cpus)")
+    group.add_argument("--batch-size", type=int, help="rows per model call (default: 256)")
+    group.add_argument("--output-file-bytes", type=int, help="gather about this many bytes per output file")
+    add_model_arguments(parser)
+
+
+def pipeline_args_from_args(args: argparse.Namespace, **overrides: Any) -> PipelineArgs:
+    """Merge the config file's ``model`` and ``batch`` sections with flags (flags win)."""
+    file_data = load_config_file(args)
+    model_section = dict(file_data.get("model") or {})
+    if getattr(args, "text_column", None):
+        model_section["text_column"] = args.text_column
+    model = model_config_from_args(args, {"model": model_section})
+
+    section = file_data.get("batch") or {}
+    if not isinstance(section, dict):
+        raise UsageError(f"batch: the config file's batch section must be a mapping, got {type(section).__name__}")
+    section = dict(section)
+    if "model" in section:
+        raise UsageError("batch.model: put model settings in the top-level model section")
+    for flag, field in _PIPELINE_FLAGS.items():
+        value = getattr(args, flag, None)
+        if value is not None:
+            section[field] = value
+    if getattr(args, "actors", None):
+        match = _ACTORS.match(args.actors.strip())
+        if not match:
+            raise UsageError(f"--actors: give N or MIN-MAX (e.g. 1-4), got {args.actors!r}")
+        section["min_actors"] = int(match.group(1))
+        section["max_actors"] = int(match.group(2) or match.group(1))
+    if getattr(args, "keep", None):
+        section["keep"] = [name.strip() for name in args.keep.split(",") if name.strip()]
+    for flag in ("overwrite", "resume"):
+        if getattr(args, flag, None):
+            section[flag] = True
+    section.update(overrides)
+    try:
+        return parse_pipeline_args({**section, "model": model}, source="batch")
+    except InvalidInputError as exc:
+        raise UsageError(str(exc)) from exc
+
+
+def _run_batch(args: argparse.Namespace) -> int:
+    from pipelines.batch import run
+
+    overrides: dict[str, Any] = {}
+    if len(args.paths) == 1:
+        raise UsageError("give one or more inputs and then the output directory: sentiment batch INPUT ... OUTPUT")
+    if args.paths:
+        overrides = {"input": args.paths[:-1], "output": args.paths[-1]}
+    result = run(pipeline_args_from_args(args, **overrides))
+    print(result.summary_line())
+    return 0
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    from pipelines.eval import evaluate, format_json
+
+    # The pipeline runs only when PATH has not been scored yet; input and output are set there.
+    pipeline = pipeline_args_from_args(args, input=args.path, output=args.path + ".scored")
+    report = evaluate(args.path, args.label_column, pipeline)
+    print(format_json(report) if args.json else report.format_text())
+    return 0

@@ -1,0 +1,254 @@
+"""Finding Parquet files and moving results, on local disk or any filesystem pyarrow knows.
+
+Paths are resolved in the driver, before Ray starts, so a typo, an unreadable file or a file that
+is not Parquet fails the job with its name, and so each input file gets a stable index that the
+batch job uses to tell which outputs are complete (see `pipelines.batch`).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from sentiment.errors import InvalidInputError
+
+# What a directory listing takes as Parquet, as Ray Data does; an explicitly named file or a glob
+# match is read whatever its name.
+PARQUET_EXTENSIONS = (".parquet", ".parq", ".pq")
+_GLOB_CHARS = re.compile(r"[*?\[]")
+_URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+# Footers are small; reading them from object storage is latency-bound, so a few in parallel.
+_FOOTER_THREADS = 16
+
+
+@dataclass(frozen=True)
+class Location:
+    """A path on a filesystem: ``path`` is what the filesystem takes, `uri` what messages show."""
+
+    filesystem: pafs.FileSystem
+    path: str
+    scheme: str = ""
+    """What comes before ``path`` in the URI the user wrote (``s3://``); empty for local paths."""
+
+    @property
+    def uri(self) -> str:
+        return self.scheme + self.path
+
+    def at(self, path: str) -> Location:
+        """Another path on the same filesystem."""
+        return Location(self.filesystem, path, self.scheme)
+
+    def child(self, name: str) -> Location:
+        return self.at(f"{self.path.rstrip('/')}/{name}")
+
+    def sibling(self, suffix: str) -> Location:
+        """``path`` with ``suffix`` appended to its last component (``out`` -> ``out.staging``)."""
+        return self.at(self.path.rstrip("/") + suffix)
+
+
+@dataclass(frozen=True)
+class ParquetInput:
+    """One input file, described from its footer."""
+
+    index: int
+    path: str
+    uri: str
+    rows: int
+    size: int
+    schema: pa.Schema
+
+
+def locate(spec: str) -> Location:
+    """The filesystem and path of a local path or a URI (``s3://bucket/key``, ``gs://...``, ``file:///...``)."""
+    if _URI.match(spec):
+        try:
+            filesystem, path = pafs.FileSystem.from_uri(spec)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as exc:
+            raise InvalidInputError(f"cannot open {spec}: {exc}") from exc
+        path = path.rstrip("/") or path
+        scheme = spec[: spec.index("://") + 3]
+        return Location(filesystem, path, scheme)
+    # Absolute, because Ray workers do not run in the driver's working directory.
+    return Location(pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(spec)))
+
+
+def list_parquet(spec: str) -> list[Location]:
+    """The files ``spec`` names: itself, the Parquet files under a directory, or a glob's matches.
+
+    Files and directories whose names start with ``_`` or ``.`` (``_SUCCESS``, staging areas) are
+    skipped under a directory or a glob, as Ray Data and Spark do. Raises `InvalidInputError` naming ``spec``
+    when nothing is there.
+    """
+    location = locate(spec)
+    if _GLOB_CHARS.search(location.path):
+        return _glob(location, spec)
+    info = _info(location)
+    if info.type == pafs.FileType.File:
+        return [location]
+    if info.type == pafs.FileType.Directory:
+        found = [
+            item
+            for item in _walk(location)
+            if item.path.lower().endswith(PARQUET_EXTENSIONS) and not _hidden(item.path[len(location.path) :])
+        ]
+        if not found:
+            raise InvalidInputError(f"input directory {spec} holds no Parquet files ({', '.join(PARQUET_EXTENSIONS)})")
+        return found
+    raise InvalidInputError(f"input {spec} does not exist")
+
+
+def read_footers(files: Sequence[Location]) -> list[ParquetInput]:
+    """Row counts and schemas of Parquet files, from their footers only; errors name the file."""
+
+    def read(item: tuple[int, Location]) -> ParquetInput:
+        index, location = item
+        try:
+            with location.filesystem.open_input_file(location.path) as handle:
+                metadata = pq.ParquetFile(handle).metadata
+                return ParquetInput(
+                    index=index,
+                    path=location.path,
+                    uri=location.uri,
+                    rows=metadata.num_rows,
+                    size=handle.size(),
+                    schema=metadata.schema.to_arrow_schema(),
+                )
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+            raise InvalidInputError(f"{location.uri} is not a readable Parquet file: {exc}") from exc
+        except OSError as exc:
+            raise InvalidInputError(f"cannot read {location.uri}: {exc}") from exc
+
+    with ThreadPoolExecutor(max_workers=_FOOTER_THREADS) as pool:
+        return list(pool.map(read, enumerate(files)))
+
+
+def parquet_rows(location: Location) -> int | None:
+    """Rows of a complete Parquet file, or None when it is unreadable (e.g. cut short by a crash)."""
+    try:
+        with location.filesystem.open_input_file(location.path) as handle:
+            return int(pq.ParquetFile(handle).metadata.num_rows)
+    except (pa.ArrowInvalid, OSError):
+        return None
+
+
+def list_files(location: Location) -> list[Location]:
+    """Every file under a directory (recursively), sorted by path; empty when it does not exist."""
+    if _info(location).type != pafs.FileType.Directory:
+        return []
+    return _walk(location)
+
+
+def exists(location: Location) -> bool:
+    return _info(location).type != pafs.FileType.NotFound
+
+
+def delete(location: Location) -> None:
+    """Delete a file or a directory tree; nothing when it is absent."""
+    info = _info(location)
+    if info.type == pafs.FileType.Directory:
+        location.filesystem.delete_dir(location.path)
+    elif info.type == pafs.FileType.File:
+        location.filesystem.delete_file(location.path)
+
+
+def move(source: Location, target: Location) -> None:
+    """Move a file, or a directory tree to a path that does not exist yet.
+
+    On local disk a directory moves with one rename, so readers see all of it or nothing. Object
+    stores have no directories to rename: each file is moved (copied, then deleted) on its own.
+    """
+    filesystem = source.filesystem
+    if isinstance(filesystem, pafs.LocalFileSystem) or _info(source).type == pafs.FileType.File:
+        parent = target.path.rsplit("/", 1)[0]
+        if parent:
+            filesystem.create_dir(parent, recursive=True)
+        filesystem.move(source.path, target.path)
+        return
+    for item in _walk(source):
+        filesystem.move(item.path, target.path + item.path[len(source.path) :])
+    delete(source)
+
+
+def write_text(location: Location, text: str) -> None:
+    with location.filesystem.open_output_stream(location.path) as stream:
+        stream.write(text.encode("utf-8"))
+
+
+def read_text(location: Location) -> str:
+    with location.filesystem.open_input_stream(location.path) as stream:
+        return bytes(stream.read()).decode("utf-8")
+
+
+def _info(location: Location) -> pafs.FileInfo:
+    try:
+        return location.filesystem.get_file_info(location.path)
+    except OSError as exc:
+        raise InvalidInputError(f"cannot access {location.uri}: {exc}") from exc
+
+
+def _walk(location: Location) -> list[Location]:
+    selector = pafs.FileSelector(location.path, recursive=True)
+    infos = location.filesystem.get_file_info(selector)
+    return [
+        location.at(info.path) for info in sorted(infos, key=lambda info: info.path) if info.type == pafs.FileType.File
+    ]
+
+
+def _hidden(relative: str) -> bool:
+    return any(part.startswith(("_", ".")) for part in relative.strip("/").split("/"))
+
+
+def _glob(location: Location, spec: str) -> list[Location]:
+    parts = location.path.split("/")
+    static = next(i for i, part in enumerate(parts) if _GLOB_CHARS.search(part))
+    base = location.at("/".join(parts[:static]) or "/")
+    pattern = _glob_regex("/".join(parts[static:]))
+    if _info(base).type != pafs.FileType.Directory:
+        raise InvalidInputError(f"input {spec} matches no files ({base.uri} is not a directory)")
+    found = [
+        item
+        for item in _walk(base)
+        if pattern.fullmatch(relative := item.path[len(base.path) :].lstrip("/")) and not _hidden(relative)
+    ]
+    if not found:
+        raise InvalidInputError(f"input {spec} matches no files")
+    return found
+
+
+def _glob_regex(pattern: str) -> re.Pattern[str]:
+    """``*`` and ``?`` stay within one path component, ``**/`` spans any number of them."""
+    out = []
+    i = 0
+    while i < len(pattern):
+        if pattern.startswith("**/", i):
+            out.append("(?:[^/]*/)*")
+            i += 3
+        elif pattern.startswith("**", i):
+            out.append(".*")
+            i += 2
+        elif pattern[i] == "*":
+            out.append("[^/]*")
+            i += 1
+        elif pattern[i] == "?":
+            out.append("[^/]")
+            i += 1
+        elif pattern[i] == "[":
+            end = pattern.find("]", i + 1)
+            if end == -1:
+                out.append(re.escape("["))
+                i += 1
+            else:
+                body = pattern[i + 1 : end]
+                out.append("[" + ("^" + body[1:] if body.startswith("!") else body) + "]")
+                i = end + 1
+        else:
+            out.append(re.escape(pattern[i]))
+            i += 1
+    return re.compile("".join(out))
