@@ -108,6 +108,8 @@ class BatchResult:
         return self.tokens / self.seconds if self.seconds > 0 else 0.0
 
     def summary_line(self) -> str:
+        if self.processed_rows == 0:
+            return f"nothing to do: {self.output} is complete with {self.rows} rows"
         scored = self.processed_rows - self.errors
         truncated = self.truncated / scored if scored else 0.0
         line = (
@@ -360,6 +362,10 @@ def _scored_dataset(args: PipelineArgs, plan: InputPlan, pending: Sequence[Parqu
             partitioning=None,
             file_extensions=None,
         ).select_columns([*plan.read_columns, _PATH_COLUMN])
+        # One model call per block. A whole small file is one block, and a big block would keep one
+        # actor busy while others idle, and hold back all its output rows until it is done. Placed
+        # before any map so Ray Data does not fuse it into the model stage's actor tasks.
+        part = part.repartition(target_num_rows_per_block=args.batch_size)
         tag = partial(
             _tag_rows,
             sources={item.path: f"{item.index:05d}" for item in members},
@@ -376,9 +382,6 @@ def _scored_dataset(args: PipelineArgs, plan: InputPlan, pending: Sequence[Parqu
         parts.append(part)
     ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
 
-    # One model call per block: big input blocks (a whole file is one) would keep one actor busy
-    # while others idle, and hold back every output row until the whole block is done.
-    ds = ds.repartition(target_num_rows_per_block=args.batch_size)
     ds = build_pipeline(ds, args)
     if mark_texts:
         ds = ds.map_batches(
@@ -534,9 +537,10 @@ def run(args: PipelineArgs) -> BatchResult:
         raise InvalidInputError(f"output {args.output} must be a directory below a bucket or filesystem root")
     staging = output.sibling(STAGING_SUFFIX)
 
-    # Inputs first, then the model's config (no weights): bad input fails before anything loads.
-    plan = with_labels(plan_inputs(args), checkpoint_labels(args.model))
+    # Inputs and output first, then the model's config (no weights): bad input fails before anything loads.
+    plan = plan_inputs(args)
     resuming = _check_output_location(args, output, staging)
+    plan = with_labels(plan, checkpoint_labels(args.model))
     manifest = _manifest(args, plan)
 
     if args.resume and not resuming and files.exists(output.child(SUCCESS)):

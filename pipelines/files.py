@@ -68,6 +68,12 @@ class ParquetInput:
 def locate(spec: str) -> Location:
     """The filesystem and path of a local path or a URI (``s3://bucket/key``, ``gs://...``, ``file:///...``)."""
     if _URI.match(spec):
+        glob = _GLOB_CHARS.search(spec)
+        if glob:
+            # URI parsers reject glob characters: parse the directory before them, append the pattern.
+            cut = spec.rfind("/", 0, glob.start())
+            base = locate(spec[:cut])
+            return base.at(base.path.rstrip("/") + spec[cut:])
         try:
             filesystem, path = pafs.FileSystem.from_uri(spec)
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as exc:

@@ -1,0 +1,419 @@
+"""The Ray Data batch job on a real local Ray with a tiny checkpoint.
+
+Outputs are always sorted by id before comparing: Ray Data does not keep row order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+
+from benchmarks.corpus import write_corpus
+from pipelines.args import PipelineArgs
+from pipelines.batch import (
+    STAGING_SUFFIX,
+    BatchJobError,
+    _commit,
+    map_batches_options,
+    plan_inputs,
+    run,
+    with_labels,
+)
+from sentiment.cli import main
+from sentiment.config import ModelConfig
+from sentiment.errors import InvalidInputError
+from sentiment.model import SentimentClassifier
+
+REPO = Path(__file__).resolve().parents[1]
+ABSENT_MODEL = ModelConfig(model_id="/nonexistent/model")
+OUTPUT_COLUMNS = [
+    "id",
+    "text",
+    "input_label",
+    "label",
+    "score",
+    "score_neg",
+    "score_pos",
+    "num_tokens",
+    "truncated",
+    "error",
+]
+
+
+def read_sorted(path: Path) -> pa.Table:
+    table = pq.read_table(path)
+    return table.sort_by("id")
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Three corpus files (ids 0..239), one with bad texts, one with a numeric text column, one empty."""
+    root = tmp_path_factory.mktemp("batch") / "in"
+    write_corpus(root, rows=240, files=3, seed=7)
+    pq.write_table(
+        pa.table(
+            {
+                "id": pa.array([1000, 1001, 1002, 1003], pa.int64()),
+                "text": [None, "", "   ", "a good film"],
+                "label": ["neg", "pos", "neg", "pos"],
+            }
+        ),
+        root / "bad-rows.parquet",
+    )
+    pq.write_table(
+        pa.table(
+            {
+                "id": pa.array([2000, 2001], pa.int64()),
+                "text": pa.array([7, None], pa.int64()),
+                "label": ["pos", "neg"],
+            }
+        ),
+        root / "numbers.parquet",
+    )
+    empty = pa.schema([("id", pa.int64()), ("text", pa.string()), ("label", pa.string())]).empty_table()
+    pq.write_table(empty, root / "empty.parquet")
+    (root / "_SUCCESS").write_text("")  # skipped: not data
+    return root
+
+
+@pytest.fixture(scope="module")
+def scored(ray_session: Any, corpus: Path, tiny_checkpoint: Path) -> tuple[Path, str]:
+    """``sentiment batch`` over the corpus, in this process: the output directory and what it printed."""
+    out = corpus.parent / "out"
+    printed = io.StringIO()
+    argv = ["batch", str(corpus), str(out), "--model", str(tiny_checkpoint), "--actors", "1-2", "--batch-size", "32"]
+    with contextlib.redirect_stdout(printed):
+        assert main(argv) == 0
+    return out, printed.getvalue()
+
+
+def test_every_input_row_comes_out_once_with_the_core_predictions(
+    scored: tuple[Path, str], corpus: Path, classifier: SentimentClassifier
+) -> None:
+    out, _ = scored
+    expected = pa.concat_tables([pq.read_table(corpus / f"part-0000{i}.parquet") for i in range(3)]).sort_by("id")
+    got = read_sorted(out)
+    ids = got.column("id").to_pylist()
+    assert len(ids) == len(set(ids)) == 240 + 4 + 2
+    assert ids[:240] == list(range(240))
+
+    good = got.filter(pc.less(got.column("id"), 240))
+    texts = expected.column("text").to_pylist()
+    assert good.column("text").to_pylist() == texts
+    assert good.column("input_label").to_pylist() == expected.column("label").to_pylist()
+    predictions = classifier.predict(texts)
+    assert good.column("label").to_pylist() == [p.label for p in predictions]
+    assert good.column("num_tokens").to_pylist() == [p.num_tokens for p in predictions]
+    assert good.column("truncated").to_pylist() == [p.truncated for p in predictions]
+    assert good.column("score_pos").to_pylist() == pytest.approx([p.scores["pos"] for p in predictions], abs=1e-5)
+    assert good.column("score").to_pylist() == pytest.approx([p.score for p in predictions], abs=1e-5)
+    assert good.column("error").null_count == 240
+
+
+def test_output_has_the_documented_schema_and_layout(scored: tuple[Path, str], corpus: Path) -> None:
+    out, _ = scored
+    schema = pq.read_schema(next(out.glob("part-*.parquet")))
+    assert schema.names == OUTPUT_COLUMNS
+    assert [str(schema.field(name).type) for name in OUTPUT_COLUMNS[3:]] == [
+        "string",
+        "double",
+        "double",
+        "double",
+        "int64",
+        "bool",
+        "string",
+    ]
+    names = sorted(path.name for path in out.iterdir())
+    assert names[:2] == ["_SUCCESS", "_manifest.json"]
+    # Inputs are numbered in path order; the empty file (index 1) has no output part.
+    assert {re.sub(r"-\d{4}\.parquet$", "", name) for name in names[2:]} == {
+        "part-00000-bad-rows",
+        "part-00002-numbers",
+        "part-00003-part-00000",
+        "part-00004-part-00001",
+        "part-00005-part-00002",
+    }
+    assert not Path(str(out) + STAGING_SUFFIX).exists()
+
+
+def test_null_empty_and_non_string_texts_get_an_error_and_no_prediction(scored: tuple[Path, str]) -> None:
+    out, _ = scored
+    got = read_sorted(out).filter(pc.greater_equal(pc.field("id"), 1000))
+    assert got.column("id").to_pylist() == [1000, 1001, 1002, 1003, 2000, 2001]
+    assert got.column("error").to_pylist() == [
+        "text is null",
+        "text is empty",
+        "text is empty",
+        None,
+        "text must be a string, got int64",
+        "text must be a string, got int64",
+    ]
+    assert got.column("text").to_pylist() == [None, "", "   ", "a good film", "7", None]
+    for name in ("label", "score", "score_neg", "score_pos", "num_tokens", "truncated"):
+        values = got.column(name).to_pylist()
+        assert values[3] is not None
+        assert [v for i, v in enumerate(values) if i != 3] == [None] * 5, name
+
+
+def test_summary_line_reports_rows_speed_truncation_and_errors(scored: tuple[Path, str]) -> None:
+    out, printed = scored
+    # Ray's raylet may print warnings to stdout too; the summary is the last line.
+    last = printed.splitlines()[-1]
+    match = re.fullmatch(
+        r"246 rows in [\d.]+ s: [\d.]+ rows/s, (\d+) tokens/s, ([\d.]+)% truncated, 5 rows with errors; "
+        r"246 rows in (\S+)",
+        last,
+    )
+    assert match, printed
+    assert match.group(3) == str(out)
+    table = pq.read_table(out)
+    truncated = pc.sum(table.column("truncated").cast(pa.int64())).as_py()
+    assert match.group(2) == f"{100 * truncated / 241:.1f}"
+    assert int(match.group(1)) > 0
+
+
+def test_resume_of_a_complete_output_has_nothing_to_do(
+    scored: tuple[Path, str], corpus: Path, tiny_checkpoint: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out, _ = scored
+    assert main(["batch", str(corpus), str(out), "--model", str(tiny_checkpoint), "--resume"]) == 0
+    assert capsys.readouterr().out == f"nothing to do: {out} is complete with 246 rows\n"
+
+
+def test_an_output_that_holds_results_is_refused(
+    scored: tuple[Path, str], corpus: Path, tiny_checkpoint: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out, _ = scored
+    before = sorted(out.iterdir())
+    assert main(["batch", str(corpus), str(out), "--model", str(tiny_checkpoint)]) == 1
+    assert f"output {out} already holds results; pass --overwrite" in capsys.readouterr().err
+    assert sorted(out.iterdir()) == before
+
+
+def test_overwrite_replaces_results_with_the_kept_columns(
+    ray_session: Any, scored: tuple[Path, str], corpus: Path, tiny_checkpoint: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    shutil.copytree(scored[0], out)
+    inputs = [str(corpus / "part-00000.parquet"), str(corpus / "part-00002.parquet")]
+    args = PipelineArgs(
+        model=ModelConfig(model_id=str(tiny_checkpoint)), input=inputs, output=str(out), keep=["id"], overwrite=True
+    )
+    result = run(args)
+    assert (result.rows, result.processed_rows, result.errors) == (160, 160, 0)
+    table = read_sorted(out)
+    assert table.column_names == ["id", *OUTPUT_COLUMNS[3:]]
+    assert table.column("id").to_pylist() == [*range(80), *range(160, 240)]
+    assert sorted(path.name for path in out.glob("*.parquet"))[0].startswith("part-00000-part-00000-")
+    assert not list(out.glob("*bad-rows*"))
+
+
+def test_map_batches_runs_the_shared_class_on_an_actor_pool(tiny_checkpoint: Path) -> None:
+    from ray.data import ActorPoolStrategy
+
+    args = PipelineArgs(
+        model=ModelConfig(model_id=str(tiny_checkpoint)),
+        input="in",
+        output="out",
+        min_actors=2,
+        max_actors=8,
+        num_gpus=0.25,
+        batch_size=128,
+        cpu_threads=2,
+    )
+    options = map_batches_options(args)
+    compute = options.pop("compute")
+    assert isinstance(compute, ActorPoolStrategy)
+    assert (compute.min_size, compute.max_size) == (2, 8)
+    assert options == {
+        "fn_constructor_kwargs": {"config": args.model.model_copy(update={"gpu_memory_fraction": 0.25})},
+        "batch_size": 128,
+        "batch_format": "pyarrow",
+        "num_cpus": 1,
+        "num_gpus": 0.25,
+        "udf_modifying_row_count": False,
+        "runtime_env": {"env_vars": {"OMP_NUM_THREADS": "2"}},
+    }
+
+
+# -- checks that fail before any model loads (the model path does not even exist) ---------------
+
+
+def checked(tmp_path: Path, spec: str | list[str], **fields: Any) -> Any:
+    args = PipelineArgs(model=fields.pop("model", ABSENT_MODEL), input=spec, output=str(tmp_path / "out"), **fields)
+    return run(args)
+
+
+def test_missing_text_column_names_the_file_and_column(tmp_path: Path) -> None:
+    pq.write_table(pa.table({"id": [1], "review": ["fine"]}), tmp_path / "reviews.parquet")
+    with pytest.raises(InvalidInputError, match=r"reviews.parquet has no text column 'text'; its columns are"):
+        checked(tmp_path, str(tmp_path / "reviews.parquet"))
+    plan = plan_inputs(
+        PipelineArgs(model=ModelConfig(model_id="x", text_column="review"), input=str(tmp_path), output="o")
+    )
+    assert plan.read_columns == ["id", "review"]
+
+
+def test_a_file_that_is_not_parquet_is_named(tmp_path: Path) -> None:
+    write_corpus(tmp_path / "in", rows=4, files=1)
+    (tmp_path / "in" / "broken.parquet").write_bytes(b"PAR1 this is not parquet")
+    with pytest.raises(InvalidInputError, match=r"in/broken.parquet is not a readable Parquet file"):
+        checked(tmp_path, str(tmp_path / "in"))
+    (tmp_path / "notes.txt").write_text("a film")
+    with pytest.raises(InvalidInputError, match=r"notes.txt is not a readable Parquet file"):
+        checked(tmp_path, [str(tmp_path / "in" / "part-00000.parquet"), str(tmp_path / "notes.txt")])
+
+
+def test_empty_or_absent_inputs_are_refused(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InvalidInputError, match=r"input directory .*/empty holds no Parquet files"):
+        checked(tmp_path, str(tmp_path / "empty"))
+    with pytest.raises(InvalidInputError, match=r"input .*/absent does not exist"):
+        checked(tmp_path, str(tmp_path / "absent"))
+    with pytest.raises(InvalidInputError, match=r"input .*/empty/\*.parquet matches no files"):
+        checked(tmp_path, str(tmp_path / "empty" / "*.parquet"))
+    pq.write_table(pa.table({"text": pa.array([], pa.string())}), tmp_path / "empty" / "none.parquet")
+    with pytest.raises(InvalidInputError, match=r"has no rows \(1 file\(s\), all empty\)"):
+        checked(tmp_path, str(tmp_path / "empty"))
+
+
+def test_columns_that_cannot_be_read_together_are_named(tmp_path: Path) -> None:
+    pq.write_table(pa.table({"id": [1], "text": ["a"]}), tmp_path / "a.parquet")
+    pq.write_table(pa.table({"id": ["x"], "text": ["b"]}), tmp_path / "b.parquet")
+    with pytest.raises(InvalidInputError, match=r"b.parquet has column types that differ from .*a.parquet"):
+        checked(tmp_path, str(tmp_path))
+    with pytest.raises(InvalidInputError, match=r"a.parquet has no column 'title' \(from keep\)"):
+        checked(tmp_path, str(tmp_path), keep=["title"])
+    pq.write_table(pa.table({"path": ["/x"], "text": ["c"]}), tmp_path / "c.parquet")
+    with pytest.raises(InvalidInputError, match=r"input column 'path' clashes with a column the batch job adds"):
+        checked(tmp_path, str(tmp_path / "c.parquet"))
+
+
+def test_globs_lists_and_directories_find_the_same_files(tmp_path: Path) -> None:
+    paths = write_corpus(tmp_path / "in" / "nested", rows=9, files=3)
+    (tmp_path / "in" / "_SUCCESS").write_text("")
+    (tmp_path / "in" / ".hidden.parquet").write_bytes(b"not read")
+    model = ModelConfig(model_id="x")
+    found = [
+        [item.path for item in plan_inputs(PipelineArgs(model=model, input=spec, output="o")).inputs]
+        for spec in (
+            str(tmp_path / "in"),
+            str(tmp_path / "in" / "**" / "*.parquet"),
+            [str(path) for path in paths],
+            f"file://{tmp_path}/in/nested/part-0000[0-2].parquet",
+        )
+    ]
+    assert found == [[str(path) for path in paths]] * 4
+
+
+def test_partial_output_of_an_interrupted_run_is_not_clobbered(tmp_path: Path, tiny_checkpoint: Path) -> None:
+    write_corpus(tmp_path / "in", rows=4, files=1)
+    (tmp_path / ("out" + STAGING_SUFFIX)).mkdir()
+    with pytest.raises(InvalidInputError, match=r"holds the partial output of an interrupted run; pass --resume"):
+        checked(tmp_path, str(tmp_path / "in"))
+    (tmp_path / ("out" + STAGING_SUFFIX)).rmdir()
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "data.parquet").write_bytes(b"")
+    with pytest.raises(InvalidInputError, match=r"holds files but no _SUCCESS marker"):
+        checked(tmp_path, str(tmp_path / "in"), resume=True)
+
+
+def test_row_count_mismatch_fails_loudly_and_moves_nothing(tmp_path: Path) -> None:
+    write_corpus(tmp_path / "in", rows=10, files=1)
+    args = PipelineArgs(model=ABSENT_MODEL, input=str(tmp_path / "in"), output=str(tmp_path / "out"))
+    plan = with_labels(plan_inputs(args), ["neg", "pos"])
+    from pipelines.files import locate
+
+    staging = tmp_path / "out.staging"
+    (staging / "__source_file=00000").mkdir(parents=True)
+    pq.write_table(pa.table({"id": list(range(9))}), staging / "__source_file=00000" / "x-0.parquet")
+    with pytest.raises(BatchJobError, match=r"part-00000.parquet: 10 rows in, 9 out"):
+        _commit(locate(str(staging)), locate(str(tmp_path / "out")), plan)
+    assert not (tmp_path / "out").exists()
+    assert [p.name for p in staging.iterdir()] == ["part-00000-part-00000-0000.parquet"]
+
+
+# -- resume after a real interruption --------------------------------------------------------------
+
+
+def complete_inputs(staging: Path, rows_per_file: int) -> int:
+    """Input files whose partition in staging already holds all their rows in readable files."""
+    complete = 0
+    for partition in staging.glob("__source_file=*"):
+        try:
+            rows = sum(pq.ParquetFile(path).metadata.num_rows for path in partition.iterdir())
+        except (OSError, pa.ArrowInvalid):
+            continue
+        complete += rows == rows_per_file
+    return complete
+
+
+def wait_for_free_cpus(ray: Any, cpus: float, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while ray.available_resources().get("CPU", 0) < cpus:
+        if time.monotonic() > deadline:
+            pytest.fail(f"the killed job still holds Ray CPUs after {timeout_s} s")
+        time.sleep(0.2)
+
+
+def test_resume_after_a_killed_run_writes_every_row_once(
+    ray_session: Any, tmp_path: Path, tiny_checkpoint: Path, classifier: SentimentClassifier
+) -> None:
+    files, rows_per_file = 12, 60
+    write_corpus(tmp_path / "in", rows=files * rows_per_file, files=files, seed=9)
+    out = tmp_path / "out"
+    staging = tmp_path / ("out" + STAGING_SUFFIX)
+    # Small calls, small files and one text per forward pass: a run long enough to kill midway.
+    flags = ["--model", str(tiny_checkpoint), "--batch-size", "4", "--output-file-bytes", "1", "--max-batch-size", "1"]
+    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
+    log = tmp_path / "killed-run.log"
+    with log.open("w") as sink:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "sentiment", "batch", str(tmp_path / "in"), str(out), *flags],
+            cwd=REPO,
+            env=env,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        try:
+            deadline = time.monotonic() + 180
+            while complete_inputs(staging, rows_per_file) == 0:
+                if process.poll() is not None:
+                    pytest.fail(f"the run ended (status {process.returncode}) before it was killed:\n{log.read_text()}")
+                if time.monotonic() > deadline:
+                    pytest.fail(f"no input file was complete after 180 s:\n{log.read_text()}")
+                time.sleep(0.05)
+        finally:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=60)
+    wait_for_free_cpus(ray_session, 8, timeout_s=60)
+    assert not out.exists()
+    done_before = complete_inputs(staging, rows_per_file)
+    assert 1 <= done_before < files
+
+    args = PipelineArgs(
+        model=ModelConfig(model_id=str(tiny_checkpoint)), input=str(tmp_path / "in"), output=str(out), resume=True
+    )
+    result = run(args)
+    assert result.skipped_files == done_before
+    assert (result.rows, result.processed_rows) == (files * rows_per_file, (files - done_before) * rows_per_file)
+    table = read_sorted(out)
+    assert table.column("id").to_pylist() == list(range(files * rows_per_file))
+    texts = pq.read_table(tmp_path / "in").sort_by("id").column("text").to_pylist()
+    assert table.column("label").to_pylist() == [p.label for p in classifier.predict(texts)]
+    assert not staging.exists()
