@@ -31,6 +31,7 @@ import json
 import logging
 import re
 import time
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from functools import partial
@@ -169,9 +170,18 @@ def plan_inputs(args: PipelineArgs) -> InputPlan:
     filesystems = {type(item.filesystem).__name__ for item in found}
     if len(filesystems) > 1:
         raise InvalidInputError(f"inputs must all be on one filesystem, got {sorted(filesystems)}")
-    duplicates = sorted({item.uri for item in found if sum(other.path == item.path for other in found) > 1})
+    duplicates = [path for path, count in Counter(item.path for item in found).items() if count > 1]
     if duplicates:
         raise InvalidInputError(f"input names a file more than once: {duplicates[0]}")
+    # A directory input that holds the output (data/ and data/scored/) must not read it back.
+    output = files.locate(args.output)
+    found = [
+        item
+        for item in found
+        if not _is_within(item.path, output.path) and not _is_within(item.path, output.path + STAGING_SUFFIX)
+    ]
+    if not found:
+        raise InvalidInputError(f"input {', '.join(args.inputs)} holds no files besides the output {args.output}")
     inputs = files.read_footers(found)
 
     text = args.text_column
@@ -186,9 +196,13 @@ def plan_inputs(args: PipelineArgs) -> InputPlan:
     if args.keep is not None:
         kept = list(args.keep)
     else:
-        kept = []
-        for item in inputs:
-            kept.extend(name for name in item.schema.names if name not in kept)
+        kept = list(inputs[0].schema.names)
+        for item in inputs[1:]:
+            if set(item.schema.names) != set(kept):
+                raise InvalidInputError(
+                    f"input file {item.uri} has columns {item.schema.names} but {inputs[0].uri} has {kept}; "
+                    "choose the columns to write with keep (--keep)"
+                )
     read_columns = kept if text in kept else [*kept, text]
     clashes = [name for name in read_columns if name in RESERVED_COLUMNS]
     if clashes:
@@ -210,6 +224,10 @@ def with_labels(plan: InputPlan, labels: Sequence[str]) -> InputPlan:
     if len(set(columns)) != len(columns):
         raise InvalidInputError(f"kept columns {plan.kept} and the prediction columns clash: {columns}")
     return plan
+
+
+def _is_within(path: str, directory: str) -> bool:
+    return path == directory or path.startswith(directory.rstrip("/") + "/")
 
 
 def _check_column_types(inputs: Sequence[ParquetInput], columns: Sequence[str]) -> None:
@@ -485,13 +503,15 @@ def _check_manifest(location: Location, expected: dict[str, Any], what: str) -> 
 
 def _commit(staging: Location, output: Location, plan: InputPlan) -> None:
     """Rename partitions to flat part files, check every input's row count, then move staging to output."""
+    staged = _staged_outputs(staging)
     for item in plan.inputs:
         partition = _partition(staging, item.index)
-        fresh = files.list_files(partition)
+        entries = staged.get(item.index, [])
+        fresh = [entry for entry in entries if _is_within(entry.path, partition.path)]
         if not fresh:
             continue
         # Parts renamed by an earlier, interrupted commit keep their numbers.
-        done = len(_staged_outputs(staging).get(item.index, [])) - len(fresh)
+        done = len(entries) - len(fresh)
         for number, entry in enumerate(fresh, start=done):
             files.move(entry, staging.child(f"{_part_prefix(item)}-{number:04d}.parquet"))
         files.delete(partition)
@@ -551,6 +571,9 @@ def run(args: PipelineArgs) -> BatchResult:
         logger.info("output %s is already complete; nothing to do", output.uri)
         return BatchResult(args.output, plan.rows, 0, 0.0, 0, 0, 0, len(plan.inputs), len(plan.inputs), plan.labels)
 
+    if resuming and not files.exists(staging.child(MANIFEST)):
+        # Interrupted before its manifest was written, so before anything else was: start afresh.
+        resuming = False
     if resuming:
         _check_manifest(staging.child(MANIFEST), manifest, f"the interrupted run in {staging.uri}")
         staged = _staged_outputs(staging)

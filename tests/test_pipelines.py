@@ -301,6 +301,26 @@ def test_columns_that_cannot_be_read_together_are_named(tmp_path: Path) -> None:
     pq.write_table(pa.table({"path": ["/x"], "text": ["c"]}), tmp_path / "c.parquet")
     with pytest.raises(InvalidInputError, match=r"input column 'path' clashes with a column the batch job adds"):
         checked(tmp_path, str(tmp_path / "c.parquet"))
+    pq.write_table(pa.table({"id": [2], "text": ["d"], "stars": [5]}), tmp_path / "d.parquet")
+    with pytest.raises(InvalidInputError, match=r"d.parquet has columns \['id', 'text', 'stars'\] but .*a.parquet has"):
+        checked(tmp_path, [str(tmp_path / "a.parquet"), str(tmp_path / "d.parquet")])
+    plan = plan_inputs(
+        PipelineArgs(
+            model=ABSENT_MODEL,
+            input=[str(tmp_path / "a.parquet"), str(tmp_path / "d.parquet")],
+            output="o",
+            keep=["id"],
+        )
+    )
+    assert plan.read_columns == ["id", "text"]
+
+
+def test_the_output_directory_is_never_read_as_input(tmp_path: Path) -> None:
+    write_corpus(tmp_path / "data", rows=6, files=2)
+    write_corpus(tmp_path / "data" / "scored", rows=3, files=1)
+    write_corpus(tmp_path / "data" / "scored.staging", rows=3, files=1)
+    args = PipelineArgs(model=ABSENT_MODEL, input=str(tmp_path / "data"), output=str(tmp_path / "data" / "scored"))
+    assert [Path(item.path).name for item in plan_inputs(args).inputs] == ["part-00000.parquet", "part-00001.parquet"]
 
 
 def test_globs_lists_and_directories_find_the_same_files(tmp_path: Path) -> None:
@@ -320,7 +340,7 @@ def test_globs_lists_and_directories_find_the_same_files(tmp_path: Path) -> None
     assert found == [[str(path) for path in paths]] * 4
 
 
-def test_partial_output_of_an_interrupted_run_is_not_clobbered(tmp_path: Path, tiny_checkpoint: Path) -> None:
+def test_partial_output_of_an_interrupted_run_is_not_clobbered(tmp_path: Path) -> None:
     write_corpus(tmp_path / "in", rows=4, files=1)
     (tmp_path / ("out" + STAGING_SUFFIX)).mkdir()
     with pytest.raises(InvalidInputError, match=r"holds the partial output of an interrupted run; pass --resume"):
