@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -92,30 +93,40 @@ def _environment() -> dict[str, str]:
     return env
 
 
-def _serve_until_interrupted(argv: list[str], port: int, prefix: str = "") -> str:
-    """Run a serving command, check it answers, Ctrl-C it; its output."""
+def _serve_until_interrupted(argv: list[str], port: int, prefix: str = "", ready_line: str = "") -> str:
+    """Run a serving command until it prints ``ready_line`` and answers; Ctrl-C it; its output."""
     process = subprocess.Popen(
         argv, cwd=REPO, env=_environment(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
+    lines: list[str] = []
+    # A thread drains the pipe, so the server never blocks on a full one and lines are seen as printed.
+    reader = threading.Thread(target=lambda: lines.extend(process.stdout or []), daemon=True)
+    reader.start()
     try:
         base = f"http://127.0.0.1:{port}{prefix}"
         deadline = time.monotonic() + 240
         ready = False
         while not ready and time.monotonic() < deadline and process.poll() is None:
+            time.sleep(1)
             try:
-                ready = httpx.get(f"{base}/readyz", timeout=5).status_code == 200
+                answered = httpx.get(f"{base}/readyz", timeout=5).status_code == 200
             except httpx.HTTPError:
-                time.sleep(1)
-        assert ready, f"no answer on {base} (exit status {process.poll()})"
+                answered = False
+            ready = answered and any(ready_line in line for line in list(lines))
+        assert ready, f"no answer on {base} (exit status {process.poll()}):\n{''.join(lines)[-3000:]}"
         response = httpx.post(f"{base}/v1/classify", json={"texts": ["a good film", "bad"]}, timeout=60)
         assert response.status_code == 200
         assert [p["num_tokens"] for p in response.json()["predictions"]] == [5, 3]
         process.send_signal(signal.SIGINT)
-        output, _ = process.communicate(timeout=90)
+        process.wait(timeout=90)
     finally:
         if process.poll() is None:
             process.kill()
-            process.communicate()
+            process.wait()
+        reader.join(timeout=30)
+        if process.stdout is not None:
+            process.stdout.close()
+    output = "".join(lines)
     assert process.returncode == 0, output[-3000:]
     return output
 
@@ -123,7 +134,9 @@ def _serve_until_interrupted(argv: list[str], port: int, prefix: str = "") -> st
 def test_sentiment_serve_serves_prints_the_url_and_stops_cleanly_on_ctrl_c(tiny_checkpoint: Path) -> None:
     port = free_port()
     output = _serve_until_interrupted(
-        [sys.executable, "-m", "sentiment", "serve", "--model", str(tiny_checkpoint), "--port", str(port)], port
+        [sys.executable, "-m", "sentiment", "serve", "--model", str(tiny_checkpoint), "--port", str(port)],
+        port,
+        ready_line="Serving ",
     )
     assert f"Serving {tiny_checkpoint} at http://127.0.0.1:{port}/" in output
     with pytest.raises(httpx.ConnectError):
