@@ -57,3 +57,8 @@ def ray_session() -> Iterator[Any]:
         )
     yield ray
     ray.shutdown()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Run the several-node tests last: they shut the shared single-node Ray down for good."""
+    items.sort(key=lambda item: item.get_closest_marker("multinode") is not None)

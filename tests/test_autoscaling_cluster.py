@@ -1,0 +1,74 @@
+"""Cluster autoscaling with Ray's fake multi-node provider: the autoscaler `cluster.yaml` drives,
+launching local processes as nodes.
+
+Marked slow and left out of CI: `AutoscalingCluster.start()` runs `ray stop --force`, which ends
+every Ray on the machine, and node launches take minutes on two cores. Run it alone:
+
+    python -m pytest -m slow tests/test_autoscaling_cluster.py
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from benchmarks.corpus import write_corpus
+from pipelines.args import PipelineArgs
+from pipelines.batch import run
+from sentiment.config import ModelConfig
+
+pytestmark = pytest.mark.slow
+
+
+def gpu_nodes() -> int:
+    import ray
+
+    return sum(1 for node in ray.nodes() if node["Alive"] and node["Resources"].get("GPU", 0) > 0)
+
+
+def test_a_gpu_batch_job_adds_gpu_workers_and_idle_ones_are_removed(tmp_path: Path, tiny_checkpoint: Path) -> None:
+    import ray
+    from ray.cluster_utils import AutoscalingCluster
+
+    ray.shutdown()
+    cluster = AutoscalingCluster(
+        head_resources={"CPU": 2},
+        worker_node_types={
+            "gpu_worker": {
+                "resources": {"CPU": 2, "GPU": 1},
+                "node_config": {},
+                "min_workers": 0,
+                "max_workers": 2,
+            }
+        },
+        idle_timeout_minutes=0.25,
+    )
+    try:
+        cluster.start()
+        ray.init("auto", runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1"}})
+        assert gpu_nodes() == 0
+        write_corpus(tmp_path / "in", rows=200, files=2, seed=13)
+        args = PipelineArgs(
+            model=ModelConfig(model_id=str(tiny_checkpoint)),
+            input=str(tmp_path / "in"),
+            output=str(tmp_path / "out"),
+            num_gpus=1,
+            min_actors=1,
+            max_actors=1,
+        )
+        result = run(args)
+        assert result.rows == 200
+        assert sorted(pq.read_table(tmp_path / "out").column("id").to_pylist()) == list(range(200))
+        assert any(node["Resources"].get("GPU", 0) > 0 for node in ray.nodes()), (
+            "the job ran, so the autoscaler must have added a GPU node"
+        )
+        deadline = time.monotonic() + 240
+        while gpu_nodes() > 0:
+            assert time.monotonic() < deadline, "idle GPU workers were not removed within 240 s"
+            time.sleep(2)
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
