@@ -84,7 +84,7 @@ def create_api(server: SentimentServer) -> FastAPI:
     )
     async def readyz() -> dict[str, str]:
         if not server.healthy:
-            raise ApiError(ErrorType.UNHEALTHY, "the model is not ready")
+            raise ApiError(ErrorType.UNHEALTHY, "the model failed on its last batches; Serve will replace this replica")
         return {"status": "ready"}
 
     @app.get("/info", summary="What runs: model, labels, limits, precision, device, batching.")

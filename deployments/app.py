@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from deployments.args import AUTO_GPU_FRACTION, ServeArgs, parse_serve_args
 from deployments.errors import ApiError, ErrorType
+from deployments.metrics import EndpointMetrics
 from sentiment.config import LongTextStrategy, ModelConfig
 from sentiment.model import EncodedText, Prediction, SentimentClassifier
 
@@ -56,8 +57,6 @@ class SentimentServer:
         self.batch_max_texts = args.effective_batch_max_texts
         self.batch_max_tokens = args.effective_batch_max_tokens
         self._failures = 0
-        from deployments.metrics import EndpointMetrics
-
         self.metrics = EndpointMetrics()
         # Decorating the bound method here, not the class, gives each replica a batch queue sized
         # by its own args. Serve's batch size is one number, so `_batch_size` folds the text and
@@ -67,7 +66,6 @@ class SentimentServer:
             batch_wait_timeout_s=args.batch_wait_timeout_s,
             batch_size_fn=self._batch_size,
         )(self._run_batch)
-        self.ready = True
         logger.info(
             "Replica ready: %s on %s (%s), warmed up at %d tokens; batches of up to %d texts / %d tokens%s.",
             args.model.model_id,
@@ -92,7 +90,8 @@ class SentimentServer:
 
     @property
     def healthy(self) -> bool:
-        return self.ready and self._failures < _FAILURES_BEFORE_UNHEALTHY
+        """Serve routes no request to a replica before `__init__` has warmed it up; after, only failures count."""
+        return self._failures < _FAILURES_BEFORE_UNHEALTHY
 
     def info(self) -> dict[str, Any]:
         return {
