@@ -5,7 +5,8 @@
 
 Builds a random-weight BERT checkpoint (``--size base``: BERT-base shapes) under ``--out``, starts
 a local Ray and Serve on 127.0.0.1, and for each precision runs, one at a time on the same
-cores, with the same texts (IMDB-like lengths from `benchmarks.corpus`):
+cores (and the same GPU, when the machine has one), with the same texts (IMDB-like lengths from
+`benchmarks.corpus`):
 
 - **ours**: `deployments.app.build_app`, one replica holding every CPU; requests are gathered
   into batches and each batch is packed into forward passes under a token budget;
@@ -59,12 +60,14 @@ class Result:
 class PipelineBaseline:
     """The plain deployment: ``transformers.pipeline`` called once per request, as in Ray's Serve examples."""
 
-    def __init__(self, model_dir: str, dtype: str) -> None:
+    def __init__(self, model_dir: str, dtype: str, device: str) -> None:
         import torch
         from transformers import pipeline
 
         torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
-        self.classify = pipeline("text-classification", model=model_dir, truncation=True, top_k=None, dtype=torch_dtype)
+        self.classify = pipeline(
+            "text-classification", model=model_dir, truncation=True, top_k=None, dtype=torch_dtype, device=device
+        )
 
     async def __call__(self, request: Any) -> list[Any]:
         body = await request.json()
@@ -195,13 +198,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     reviews = make_reviews(options.corpus, seed=7)
     per = options.texts_per_request
     payloads = [{"texts": reviews[i : i + per]} for i in range(0, len(reviews) - per + 1, per)]
-    dtypes = [d for d in options.dtypes.split(",") if d]
-    if "bf16" in dtypes and not cpu_supports_bf16():
-        print("this CPU has no bf16 instructions (avx512_bf16/amx_bf16): skipping bf16", file=sys.stderr)
-        dtypes.remove("bf16")
-
     cpus = os.cpu_count() or 1
     ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+    # With a GPU, each system gets one whole GPU and the model's default token budget.
+    gpu = ray.cluster_resources().get("GPU", 0) >= 1
+    dtypes = [d for d in options.dtypes.split(",") if d]
+    if "bf16" in dtypes and not gpu and not cpu_supports_bf16():
+        print("this CPU has no bf16 instructions (avx512_bf16/amx_bf16): skipping bf16", file=sys.stderr)
+        dtypes.remove("bf16")
+    model_options = {} if gpu else {"max_batch_tokens": CPU_FORWARD_TOKENS}
+    resources = {"num_cpus": cpus, "num_gpus": 1 if gpu else 0}
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -211,9 +217,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         for dtype in dtypes:
             ours = build_app(
                 {
-                    "model": {"model_id": str(checkpoint), "dtype": dtype, "max_batch_tokens": CPU_FORWARD_TOKENS},
+                    "model": {"model_id": str(checkpoint), "dtype": dtype, **model_options},
                     "num_replicas": 1,
-                    "ray_actor_options": {"num_cpus": cpus, "num_gpus": 0},
+                    "ray_actor_options": resources,
                     "batch_max_texts": 64,
                     "batch_max_tokens": 32768,
                     # Closed-loop clients resend together when a batch answers, and through the proxy
@@ -225,8 +231,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 }
             )
             baseline = serve.deployment(
-                PipelineBaseline, name="PipelineBaseline", num_replicas=1, ray_actor_options={"num_cpus": cpus}
-            ).bind(str(checkpoint), dtype)
+                PipelineBaseline, name="PipelineBaseline", num_replicas=1, ray_actor_options=resources
+            ).bind(str(checkpoint), dtype, "cuda" if gpu else "cpu")
             for system, app, route in (("baseline", baseline, "/baseline"), ("ours", ours, "/ours")):
                 serve.run(app, name=system, route_prefix=route)
                 path = "/v1/classify" if system == "ours" else ""
@@ -245,7 +251,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     (out / "results.json").write_text(json.dumps([asdict(r) for r in results], indent=2))
     print(
         f"\n{options.size} checkpoint, {options.clients} clients, {per} text(s) per request, "
-        f"{cpus} CPUs, IMDB-like lengths\n"
+        f"{cpus} CPUs{', 1 GPU' if gpu else ''}, IMDB-like lengths\n"
     )
     print(table(results))
     return 0
