@@ -10,11 +10,12 @@ from __future__ import annotations
 import hmac
 import math
 from collections.abc import Awaitable, Callable, MutableMapping
+from importlib import resources
 from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse
 from starlette.exceptions import HTTPException
 
 from deployments.errors import ApiError, ErrorType
@@ -43,6 +44,9 @@ _TINY = 5e-324
 # Worst case bytes per character in a JSON string: a \uXXXX escape of each half of a surrogate pair.
 _JSON_BYTES_PER_CHAR = 12
 _OPEN_PATHS = ("/healthz",)
+# The demo page holds no secrets and no data; it must load without a key so that it can ask for one.
+# Everything it fetches (/info, /v1/classify) still needs the key.
+_OPEN_PAGES = ("/",)
 # TEI's truncation_direction: cutting on the right keeps the head of the text.
 _DIRECTIONS: dict[str, LongTextStrategy] = {"left": "tail", "right": "head"}
 
@@ -74,6 +78,13 @@ def create_api(server: SentimentServer) -> FastAPI:
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         return ApiError(ErrorType.INTERNAL, f"internal error: {type(exc).__name__}").response()
+
+    # Read once per replica when the app is built, not at import time.
+    page = resources.files("deployments").joinpath("static", "index.html").read_text(encoding="utf-8")
+
+    @app.get("/", response_class=HTMLResponse, summary="The live demo page (HTML; no external resources).")
+    async def demo_page() -> HTMLResponse:
+        return HTMLResponse(page)
 
     @app.get("/healthz", summary="Liveness: the replica answers.")
     async def healthz() -> dict[str, str]:
@@ -232,7 +243,8 @@ class _Guard:
     def _refusal(self, scope: Scope, path: str) -> ApiError | None:
         headers = {key.decode("latin-1").lower(): value.decode("latin-1") for key, value in scope["headers"]}
         key = self.server.api_key
-        if key and path not in _OPEN_PATHS:
+        is_page = scope.get("method") in ("GET", "HEAD") and path in _OPEN_PAGES
+        if key and path not in _OPEN_PATHS and not is_page:
             scheme, _, given = headers.get("authorization", "").partition(" ")
             # Constant-time comparison: response timing must not reveal how much of a guess matched.
             if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), key.encode()):

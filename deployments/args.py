@@ -146,8 +146,8 @@ class ServeArgs(BaseModel):
     api_key: SecretStr | None = Field(
         None,
         description=(
-            "Require 'Authorization: Bearer <key>' on every route but /healthz. Prefer api_key_env: "
-            "a key written here ends up in config files."
+            "Require 'Authorization: Bearer <key>' on every route but /healthz and the demo page (GET /). "
+            "Prefer api_key_env: a key written here ends up in config files."
         ),
     )
     api_key_env: str = Field(
