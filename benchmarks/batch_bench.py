@@ -25,8 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -36,30 +34,10 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from benchmarks.common import cpu_name, cpu_supports_bf16, ensure_checkpoint
 from benchmarks.corpus import write_corpus
-from sentiment.testing import make_checkpoint
 
 BASELINE_BATCH_SIZE = 16
-
-
-def cpu_supports_bf16() -> bool:
-    """Whether the CPU has bf16 instructions (AVX512-BF16 or AMX), which make bf16 fast in PyTorch."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def cpu_name() -> str:
-    try:
-        output = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return platform.processor() or "unknown CPU"
-    for line in output.splitlines():
-        if line.startswith("Model name:"):
-            return line.split(":", 1)[1].strip()
-    return "unknown CPU"
 
 
 def run_baseline(checkpoint: Path, corpus: Path) -> tuple[float, list[str]]:
@@ -78,14 +56,20 @@ def run_baseline(checkpoint: Path, corpus: Path) -> tuple[float, list[str]]:
     return seconds, [names[output["label"]] for output in outputs]
 
 
-def run_job(checkpoint: Path, corpus: Path, output: Path, dtype: str, threads: int) -> tuple[Any, pa.Table]:
-    """The batch job's result and its output table (sorted by id)."""
+def run_job(
+    checkpoint: Path, corpus: Path, output: Path, dtype: str, threads: int, max_batch_tokens: int | None = None
+) -> tuple[Any, pa.Table]:
+    """The batch job's result and its output table (sorted by id); ``max_batch_tokens`` None: the default."""
     from pipelines.args import PipelineArgs
     from pipelines.batch import run
     from sentiment.config import ModelConfig
 
     args = PipelineArgs(
-        model=ModelConfig(model_id=str(checkpoint), dtype=dtype),  # type: ignore[arg-type]
+        model=ModelConfig(
+            model_id=str(checkpoint),
+            dtype=dtype,  # type: ignore[arg-type]
+            **({} if max_batch_tokens is None else {"max_batch_tokens": max_batch_tokens}),
+        ),
         input=str(corpus),
         output=str(output),
         overwrite=True,
@@ -128,9 +112,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     out = Path(args.out).resolve()
-    checkpoint = out / "checkpoint-base"
-    if not (checkpoint / "config.json").exists():
-        make_checkpoint(checkpoint, size="base")
+    checkpoint = ensure_checkpoint(out, "base")
     corpus = out / f"corpus-{args.rows}"
     if not corpus.exists():
         write_corpus(corpus, rows=args.rows, files=args.files, seed=0)

@@ -34,6 +34,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from benchmarks.common import cpu_supports_bf16, ensure_checkpoint
+
 # On a CPU, padding costs more than bigger matrices gain: forward passes of at most 2048 padded
 # tokens over length-sorted texts measured 1.0x (fp32) to 1.4x (bf16) the speed of one text at a
 # time on this project's 2-core machine, where a 16384-token budget ran at 0.5x to 0.8x.
@@ -133,14 +135,6 @@ def summarize(system: str, dtype: str, clients: int, measured: tuple[list[float]
     )
 
 
-def cpu_supports_bf16() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
 def table(results: list[Result]) -> str:
     """Markdown table; ratios against the baseline of the same precision and against the fp32 baseline.
 
@@ -189,12 +183,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from benchmarks.corpus import make_reviews
     from deployments.app import build_app
-    from sentiment.testing import make_checkpoint
 
     out = Path(options.out)
-    checkpoint = out / f"checkpoint-{options.size}"
-    if not (checkpoint / "config.json").exists():
-        make_checkpoint(checkpoint, size=options.size)
+    checkpoint = ensure_checkpoint(out, options.size)
     reviews = make_reviews(options.corpus, seed=7)
     per = options.texts_per_request
     payloads = [{"texts": reviews[i : i + per]} for i in range(0, len(reviews) - per + 1, per)]

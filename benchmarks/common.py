@@ -1,0 +1,38 @@
+"""Helpers the benchmarks share: what machine this is, and the random-weight checkpoint they all load."""
+
+from __future__ import annotations
+
+import platform
+import subprocess
+from pathlib import Path
+
+from sentiment.testing import make_checkpoint
+
+
+def cpu_supports_bf16() -> bool:
+    """Whether the CPU has bf16 instructions (AVX512-BF16 or AMX), which make bf16 fast in PyTorch."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def cpu_name() -> str:
+    """The CPU's model name as ``lscpu`` reports it."""
+    try:
+        output = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return platform.processor() or "unknown CPU"
+    for line in output.splitlines():
+        if line.startswith("Model name:"):
+            return line.split(":", 1)[1].strip()
+    return "unknown CPU"
+
+
+def ensure_checkpoint(out: Path, size: str = "base") -> Path:
+    """A random-weight checkpoint of ``size`` under ``out``, built once (no network) and reused after."""
+    checkpoint = out / f"checkpoint-{size}"
+    if not (checkpoint / "config.json").exists():
+        make_checkpoint(checkpoint, size=size)
+    return checkpoint

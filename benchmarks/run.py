@@ -1,0 +1,403 @@
+"""One command, one table: the model's own speed, the batch job and the endpoint, side by side.
+
+    python -m benchmarks.run [--rows 300] [--size base] [--dtypes fp32,bf16] [--duration 15]
+                             [--concurrency 1,4,16] [--out benchmarks/out/run] [--results benchmarks/RESULTS.md]
+
+On one synthetic corpus with IMDB-like lengths (`benchmarks.corpus`) and one random-weight
+checkpoint (`sentiment.testing.make_checkpoint`, no network), in one run:
+
+1. **ceiling**: `SentimentClassifier.forward` alone on the corpus, pre-tokenized and length-sorted,
+   at the best of a few token budgets (chosen on a sample): the most this machine gives this model;
+2. **offline**: `pipelines.batch.run` (what ``sentiment batch`` runs) against
+   ``transformers.pipeline("text-classification", batch_size=16, truncation=True)`` in fp32;
+3. **online**: the Serve app (`deployments.app.build_app`) against a Serve deployment that calls
+   the pipeline once per request (`benchmarks.serve_bench.PipelineBaseline`, fp32), closed-loop
+   clients at each concurrency level, one text per request.
+
+Throughput is in model tokens (what the model sees: each review cut to 512 tokens), the same count
+for every contender, so "of ceiling" and "vs baseline" are ratios of the same work. The job and the
+app use the token budget the ceiling found best for their precision. Prints one table, a precision
+table (bf16 against fp32 on the same inputs) and writes both, with the machine, the load average and
+the command, as a dated section of ``--results``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import json
+import os
+import shlex
+import socket
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from benchmarks.batch_bench import BASELINE_BATCH_SIZE, agreement, run_baseline, run_job
+from benchmarks.common import cpu_name, cpu_supports_bf16, ensure_checkpoint
+from benchmarks.corpus import write_corpus
+from benchmarks.serve_bench import BATCH_WAIT_S, PipelineBaseline, closed_loop, summarize
+
+SECTION_START = "<!-- benchmarks.run: start -->"
+SECTION_END = "<!-- benchmarks.run: end -->"
+# Forward budgets tried for the ceiling: one review at a time (512 fits any single window), the
+# budget the Serve benchmark found best for CPU fp32, and bigger batches.
+CANDIDATE_BUDGETS = (512, 2048, 8192)
+SAMPLE_WINDOWS = 96
+
+
+@dataclass
+class Row:
+    """One line of the table."""
+
+    part: str
+    system: str
+    dtype: str
+    setting: str
+    seconds: float
+    texts: int
+    tokens: int
+    baseline_seconds_per_token: float | None = None
+    ceiling_seconds_per_token: float | None = None
+    p50_ms: float | None = None
+    p95_ms: float | None = None
+    p99_ms: float | None = None
+    labels: str = "-"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def texts_per_s(self) -> float:
+        return self.texts / self.seconds
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds
+
+
+def ceiling(
+    checkpoint: Path, texts: list[str], dtype: str, budgets: Sequence[int]
+) -> tuple[float, int, np.ndarray, list[int], dict[int, float]]:
+    """Seconds over all windows at the best budget, that budget, the probabilities, the window lengths,
+    and each budget's tokens/s on the sample."""
+    from sentiment.config import ModelConfig
+    from sentiment.model import SentimentClassifier
+
+    classifier = SentimentClassifier(ModelConfig(model_id=str(checkpoint), dtype=dtype, device="cpu"))  # type: ignore[arg-type]
+    windows = [window for text in classifier.encode(texts) for window in text.windows]
+    lengths = [len(window) for window in windows]
+    step = max(1, len(windows) // SAMPLE_WINDOWS)
+    sample = windows[::step][:SAMPLE_WINDOWS]
+    sample_tokens = sum(len(window) for window in sample)
+    classifier.warmup()
+    speeds: dict[int, float] = {}
+    for budget in budgets:
+        # The config is frozen; the forward pass reads its budget from it, so swap in a copy.
+        classifier.config = classifier.config.model_copy(update={"max_batch_tokens": budget})
+        started = time.perf_counter()
+        classifier.forward(sample)
+        speeds[budget] = sample_tokens / (time.perf_counter() - started)
+    best = max(speeds, key=lambda budget: speeds[budget])
+    classifier.config = classifier.config.model_copy(update={"max_batch_tokens": best})
+    started = time.perf_counter()
+    probabilities = classifier.forward(windows)
+    return time.perf_counter() - started, best, probabilities, lengths, speeds
+
+
+def online(
+    checkpoint: Path,
+    texts: list[str],
+    model_tokens: list[int],
+    dtypes: Sequence[str],
+    budgets: dict[str, int],
+    levels: Sequence[int],
+    duration: float,
+) -> list[Row]:
+    """Closed-loop runs of the fp32 per-request baseline and of our app per precision, at each level."""
+    import ray
+    from ray import serve
+
+    from deployments.app import build_app
+
+    cpus = os.cpu_count() or 1
+    resources = {"num_cpus": cpus, "num_gpus": 0}
+    payloads = [{"texts": [text]} for text in texts]
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    if not ray.is_initialized():
+        ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    rows: list[Row] = []
+    systems: list[tuple[str, str, Any, str]] = [
+        (
+            "baseline",
+            "fp32",
+            serve.deployment(
+                PipelineBaseline, name="PipelineBaseline", num_replicas=1, ray_actor_options=resources
+            ).bind(str(checkpoint), "fp32", "cpu"),
+            "",
+        )
+    ]
+    for dtype in dtypes:
+        app = build_app(
+            {
+                "model": {"model_id": str(checkpoint), "dtype": dtype, "max_batch_tokens": budgets[dtype]},
+                "num_replicas": 1,
+                "ray_actor_options": resources,
+                "batch_max_texts": 64,
+                "batch_max_tokens": 32768,
+                "batch_wait_timeout_s": BATCH_WAIT_S,
+                "max_ongoing_requests": 128,
+            }
+        )
+        systems.append(("ours", dtype, app, "/v1/classify"))
+    try:
+        for system, dtype, app, path in systems:
+            serve.run(app, name=system, route_prefix=f"/{system}")
+            url = f"http://127.0.0.1:{port}/{system}{path}"
+            for clients in levels:
+                measured = asyncio.run(closed_loop(url, payloads, clients, 10**9, duration, clients))
+                result = summarize(system, dtype, clients, measured)
+                # Requests go out in corpus order, cycling, so the answered ones are (nearly) a prefix.
+                tokens = sum(model_tokens[i % len(texts)] for i in range(result.texts))
+                label = "baseline: pipeline per request" if system == "baseline" else "ours: Serve app"
+                rows.append(
+                    Row(
+                        "online",
+                        label,
+                        dtype,
+                        f"{clients} clients" + (f", budget {budgets[dtype]}" if system == "ours" else ""),
+                        result.seconds,
+                        result.texts,
+                        tokens,
+                        p50_ms=result.p50_ms,
+                        p95_ms=result.p95_ms,
+                        p99_ms=result.p99_ms,
+                        extra={"errors": result.errors},
+                    )
+                )
+                print(json.dumps(asdict(result)), flush=True)
+            serve.delete(system)
+    finally:
+        serve.shutdown()
+    return rows
+
+
+def ratio(value: float | None, reference: float | None) -> str:
+    return f"{value / reference:.2f}x" if value and reference else "-"
+
+
+def render(rows: list[Row]) -> str:
+    lines = [
+        "| part | system | precision | setting | texts/s | model tokens/s | of ceiling | vs fp32 baseline "
+        "| p50 ms | p95 ms | p99 ms | labels |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for row in rows:
+        ceiling_speed = 1 / row.ceiling_seconds_per_token if row.ceiling_seconds_per_token else None
+        baseline_speed = 1 / row.baseline_seconds_per_token if row.baseline_seconds_per_token else None
+        of_ceiling = f"{row.tokens_per_s * row.ceiling_seconds_per_token:.0%}" if ceiling_speed else "-"
+        lines.append(
+            f"| {row.part} | {row.system} | {row.dtype} | {row.setting} | {row.texts_per_s:.2f} "
+            f"| {row.tokens_per_s:.0f} | {of_ceiling} | {ratio(row.tokens_per_s, baseline_speed)} "
+            f"| {_ms(row.p50_ms)} | {_ms(row.p95_ms)} | {_ms(row.p99_ms)} | {row.labels} |"
+        )
+    return "\n".join(lines)
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f}"
+
+
+def write_section(path: Path, section: str) -> None:
+    """Replace this script's section of ``path`` (between its markers), or append one."""
+    text = path.read_text() if path.exists() else "# Benchmark results\n"
+    block = f"{SECTION_START}\n{section.rstrip()}\n{SECTION_END}"
+    if SECTION_START in text and SECTION_END in text:
+        head, rest = text.split(SECTION_START, 1)
+        text = head + block + rest.split(SECTION_END, 1)[1]
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    path.write_text(text)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse_parser()
+    options = parser.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    load_before = os.getloadavg()
+    started = time.perf_counter()
+
+    out = Path(options.out).resolve()
+    checkpoint = ensure_checkpoint(out, options.size)
+    corpus = out / f"corpus-{options.rows}"
+    if not corpus.exists():
+        write_corpus(corpus, rows=options.rows, files=options.files, seed=0)
+    texts = pq.read_table(corpus).sort_by("id").column("text").to_pylist()
+    dtypes = [d for d in options.dtypes.split(",") if d]
+    if "fp32" not in dtypes:
+        dtypes.insert(0, "fp32")
+    if "bf16" in dtypes and not cpu_supports_bf16():
+        print("this CPU has no bf16 instructions (avx512_bf16/amx_bf16): skipping bf16", file=sys.stderr)
+        dtypes.remove("bf16")
+    levels = [int(level) for level in options.concurrency.split(",") if level]
+    budgets_tried = [int(b) for b in options.budgets.split(",") if b]
+
+    import ray
+    import torch
+
+    torch.set_num_threads(options.threads)
+
+    # 1. Ceiling, and the precision comparison on the same windows.
+    rows: list[Row] = []
+    ceiling_spt: dict[str, float] = {}
+    budgets: dict[str, int] = {}
+    probabilities: dict[str, np.ndarray] = {}
+    model_tokens_total = 0
+    for dtype in dtypes:
+        seconds, best, probs, lengths, speeds = ceiling(checkpoint, texts, dtype, budgets_tried)
+        model_tokens_total = sum(lengths)
+        ceiling_spt[dtype] = seconds / model_tokens_total
+        budgets[dtype] = best
+        probabilities[dtype] = probs
+        sampled = ", ".join(f"{b}: {s:.0f}" for b, s in speeds.items())
+        rows.append(
+            Row("ceiling", "model forward only", dtype, f"budget {best}", seconds, len(texts), model_tokens_total)
+        )
+        rows[-1].extra["sampled_tokens_per_s_by_budget"] = sampled
+        print(f"ceiling {dtype}: {model_tokens_total / seconds:.0f} tokens/s at budget {best} ({sampled})", flush=True)
+    # With head_tail, every review is one window, so windows line up with texts.
+    model_tokens = [min(n, 512) for n in _review_tokens(corpus)]
+
+    # 2. Offline.
+    runtime_env = {"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}}
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, runtime_env=runtime_env)
+    try:
+        baseline_seconds, baseline_labels = run_baseline(checkpoint, corpus)
+        baseline_spt = baseline_seconds / model_tokens_total
+        rows.append(
+            Row(
+                "offline",
+                f"baseline: transformers.pipeline, batch_size={BASELINE_BATCH_SIZE}",
+                "fp32",
+                "truncation=True",
+                baseline_seconds,
+                len(texts),
+                model_tokens_total,
+            )
+        )
+        fits = [n <= 512 for n in _review_tokens(corpus)]
+        for dtype in dtypes:
+            result, table = run_job(
+                checkpoint, corpus, out / f"scored-{dtype}", dtype, options.threads, max_batch_tokens=budgets[dtype]
+            )
+            same, compared = agreement(table.column("label").to_pylist(), baseline_labels, fits)
+            rows.append(
+                Row(
+                    "offline",
+                    "ours: sentiment batch",
+                    dtype,
+                    f"1 actor, budget {budgets[dtype]}",
+                    result.seconds,
+                    len(texts),
+                    model_tokens_total,
+                    labels=f"{same}/{compared} = baseline (reviews <= 512 tokens)",
+                )
+            )
+            print(f"offline {dtype}: {result.summary_line()}", flush=True)
+
+        # 3. Online.
+        if levels:
+            rows += online(checkpoint, texts, model_tokens, dtypes, budgets, levels, options.duration)
+    finally:
+        ray.shutdown()
+
+    for row in rows:
+        row.ceiling_seconds_per_token = ceiling_spt[row.dtype]
+        row.baseline_seconds_per_token = baseline_spt
+    online_baselines = {r.setting: r for r in rows if r.part == "online" and r.system.startswith("baseline")}
+    for row in rows:
+        if row.part == "online" and row.system.startswith("ours"):
+            base = online_baselines.get(row.setting.split(",")[0])
+            if base is not None:
+                # Online, "vs baseline" is against the per-request deployment at the same concurrency.
+                row.baseline_seconds_per_token = base.seconds / base.tokens
+                row.labels = f"p99 {ratio(row.p99_ms, base.p99_ms)} baseline's"
+    for row in rows:
+        if row.part == "online" and row.system.startswith("baseline"):
+            row.baseline_seconds_per_token = row.seconds / row.tokens
+
+    precision_lines = [
+        "| precision | max abs probability difference vs fp32 | identical labels vs fp32 |",
+        "|---|---:|---:|",
+    ]
+    for dtype in dtypes[1:]:
+        difference = float(np.abs(probabilities[dtype] - probabilities["fp32"]).max())
+        same_labels = float((probabilities[dtype].argmax(1) == probabilities["fp32"].argmax(1)).mean())
+        precision_lines.append(f"| {dtype} | {difference:.4f} | {same_labels:.1%} |")
+
+    table = render(rows)
+    precision = "\n".join(precision_lines)
+    load_after = os.getloadavg()
+    command = "python -m benchmarks.run " + shlex.join(sys.argv[1:] if argv is None else list(argv))
+    header = (
+        f"## One table: ceiling, offline, online (`benchmarks.run`)\n\n"
+        f"**Date** {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC. **Machine** {cpu_name()}, "
+        f"{os.cpu_count()} cores, no GPU; torch {torch.__version__}, ray {ray.__version__}. "
+        f"**Load average** (1/5/15 min) {_load(load_before)} at the start, {_load(load_after)} at the end. "
+        f"**Run time** {time.perf_counter() - started:.0f} s.\n\n"
+        f"```bash\n{command}\n```\n\n"
+        f"{len(texts)} reviews, {model_tokens_total} model tokens ({sum(not f for f in fits)} reviews cut to 512), "
+        f"random-weight {options.size} checkpoint, {options.threads} torch threads. Ceiling budgets tried "
+        f"(model tokens/s on a {SAMPLE_WINDOWS}-review sample): "
+        + "; ".join(f"{r.dtype}: {r.extra['sampled_tokens_per_s_by_budget']}" for r in rows if r.part == "ceiling")
+        + ".\n"
+    )
+    section = f"{header}\n{table}\n\n{precision}\n"
+    print("\n" + section)
+    (out / "results.json").write_text(json.dumps([asdict(r) for r in rows], indent=2) + "\n")
+    if options.results:
+        write_section(Path(options.results), section)
+    return 0
+
+
+def _load(values: tuple[float, float, float]) -> str:
+    return "/".join(f"{v:.2f}" for v in values)
+
+
+def _review_tokens(corpus: Path) -> list[int]:
+    # Corpus reviews have exactly their drawn token count in make_checkpoint's vocab.
+    from benchmarks.corpus import review_lengths
+
+    total = sum(pq.read_metadata(path).num_rows for path in corpus.glob("*.parquet"))
+    return [int(n) for n in review_lengths(total, seed=0)]
+
+
+def argparse_parser() -> Any:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=300, help="synthetic reviews (default %(default)s)")
+    parser.add_argument("--files", type=int, default=2, help="Parquet files in the corpus (default %(default)s)")
+    parser.add_argument("--size", default="base", choices=["tiny", "base", "large"], help="checkpoint shape")
+    parser.add_argument("--dtypes", default="fp32,bf16", help="precisions; bf16 is skipped on a CPU without it")
+    parser.add_argument("--duration", type=float, default=15, help="seconds of load per concurrency level")
+    parser.add_argument("--concurrency", default="1,4,16", help="closed-loop client counts; empty: skip online")
+    parser.add_argument("--budgets", default=",".join(map(str, CANDIDATE_BUDGETS)), help="forward token budgets to try")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads (default: all cores)")
+    parser.add_argument("--out", default="benchmarks/out/run", help="working directory (default %(default)s)")
+    parser.add_argument(
+        "--results", default="benchmarks/RESULTS.md", help="file to write the dated section to; empty: do not write"
+    )
+    return parser
+
+
+if __name__ == "__main__":
+    sys.exit(main())
