@@ -63,6 +63,11 @@ def register(commands: Any) -> None:
         "--label-column", default="label", help="gold label column: neg/pos names or 0/1 (default: label)"
     )
     evaluate.add_argument("--json", action="store_true", help="print the numbers as JSON")
+    evaluate.add_argument(
+        "--plot",
+        metavar="DIR",
+        help="also write PNGs to DIR: confusion_matrix, score_distribution, calibration (needs matplotlib)",
+    )
     _add_pool_arguments(evaluate)
     evaluate.set_defaults(handler=_run_eval)
 
@@ -133,6 +138,8 @@ def _run_eval(args: argparse.Namespace) -> int:
 
     # The pipeline runs only when PATH has not been scored yet; input and output are set there.
     pipeline = pipeline_args_from_args(args, input=args.path, output=args.path + ".scored")
-    report = evaluate(args.path, args.label_column, pipeline)
+    report = evaluate(args.path, args.label_column, pipeline, plot_dir=args.plot)
     print(format_json(report) if args.json else report.format_text())
+    if args.plot and not args.json:
+        print(f"\npictures written to {args.plot}/: confusion_matrix.png, score_distribution.png, calibration.png")
     return 0

@@ -234,16 +234,23 @@ def evaluate_scored(path: str, label_column: str = "label") -> EvalReport:
     return report_from_counts(labels, confusion.reshape(size, size).tolist(), errors, missing)
 
 
-def evaluate(path: str, label_column: str = "label", pipeline: PipelineArgs | None = None) -> EvalReport:
+def evaluate(
+    path: str, label_column: str = "label", pipeline: PipelineArgs | None = None, plot_dir: str | None = None
+) -> EvalReport:
     """Evaluate ``path``: the batch job's output as is, or an unscored input after running the batch job on it.
 
     ``pipeline`` configures that run (model, actors, ...); its ``input``, ``output`` and ``keep`` are
-    replaced by ``path``, a temporary directory and the gold column.
+    replaced by ``path``, a temporary directory and the gold column. ``plot_dir``: also draw the
+    pictures of `pipelines.plots` there.
     """
+    if plot_dir is not None:
+        from pipelines.plots import require_matplotlib
+
+        require_matplotlib()  # before a long batch job, not after it
     parquet = files.list_parquet(path)
     schema = files.read_footers(parquet[:1])[0].schema
     if scored_labels(schema) is not None:
-        return evaluate_scored(path, label_column)
+        return _plotted(path, evaluate_scored(path, label_column), label_column, plot_dir)
     if label_column not in schema.names:
         raise InvalidInputError(f"{parquet[0].uri} has no gold label column {label_column!r}; columns: {schema.names}")
 
@@ -253,7 +260,15 @@ def evaluate(path: str, label_column: str = "label", pipeline: PipelineArgs | No
     with tempfile.TemporaryDirectory(prefix="sentiment-eval-") as scratch:
         output = f"{scratch}/scored"
         run(PipelineArgs(**settings, input=path, output=output, keep=[label_column]))
-        return evaluate_scored(output, label_column)
+        return _plotted(output, evaluate_scored(output, label_column), label_column, plot_dir)
+
+
+def _plotted(scored: str, report: EvalReport, label_column: str, plot_dir: str | None) -> EvalReport:
+    if plot_dir is not None:
+        from pipelines.plots import plot_evaluation
+
+        plot_evaluation(scored, report, plot_dir, label_column)
+    return report
 
 
 def format_json(report: EvalReport) -> str:
