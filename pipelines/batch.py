@@ -21,12 +21,14 @@ a job safe to run on a real corpus:
 The output directory holds ``part-<input index>-<input name>-<n>.parquet`` files with the input
 columns (or the ``keep`` subset; a column named like a prediction column is kept as
 ``input_<name>``) followed by ``label``, ``score``, ``score_<label>`` per label, ``num_tokens``,
-``truncated`` and ``error``, plus ``_manifest.json`` (what was read, with which model) and
-``_SUCCESS``.
+``truncated`` and ``error``, plus ``_manifest.json`` (what was read, with which model),
+``_report.json`` (what this run did: rows, errors, speed, model, config) and ``_SUCCESS``. Readers
+of the directory skip the ``_`` files, as Arrow's dataset readers do.
 """
 
 from __future__ import annotations
 
+import datetime
 import json
 import logging
 import re
@@ -63,6 +65,7 @@ _PATH_COLUMN = "path"  # what read_parquet(include_paths=True) adds, overwriting
 RESERVED_COLUMNS = (_PATH_COLUMN, SOURCE_COLUMN, _TEXT_ERROR, _TEXT_RAW)
 STAGING_SUFFIX = ".staging"
 MANIFEST = "_manifest.json"
+REPORT = "_report.json"
 SUCCESS = "_SUCCESS"
 # ModelConfig fields that change predictions: a resumed run must not mix outputs that differ in them.
 _PREDICTION_FIELDS = (
@@ -99,6 +102,8 @@ class BatchResult:
     skipped_files: int = 0
     """Input files whose outputs an interrupted run had already completed."""
     labels: list[str] = field(default_factory=list)
+    report: dict[str, Any] = field(default_factory=dict)
+    """The run report written as ``_report.json`` (see `run_report`); `summary_line` formats it."""
 
     @property
     def rows_per_second(self) -> float:
@@ -109,20 +114,76 @@ class BatchResult:
         return self.tokens / self.seconds if self.seconds > 0 else 0.0
 
     def summary_line(self) -> str:
-        if self.processed_rows == 0:
-            return f"nothing to do: {self.output} is complete with {self.rows} rows"
-        scored = self.processed_rows - self.errors
-        truncated = self.truncated / scored if scored else 0.0
-        line = (
-            f"{self.processed_rows} rows in {self.seconds:.1f} s: {self.rows_per_second:.1f} rows/s, "
-            f"{self.tokens_per_second:.0f} tokens/s, {truncated:.1%} truncated, {self.errors} rows with errors"
-        )
-        if self.skipped_files:
-            line += f"; resumed: {self.skipped_files} of {self.input_files} input files were already complete"
-        return line + f"; {self.rows} rows in {self.output}"
+        return format_summary(self.report or self.counts())
+
+    def counts(self) -> dict[str, Any]:
+        """The numbers of the run report."""
+        return {
+            "output": self.output,
+            "input_rows": self.rows,
+            "output_rows": self.rows,
+            "processed_rows": self.processed_rows,
+            "errors": self.errors,
+            "truncated": self.truncated,
+            "tokens": self.tokens,
+            "seconds": self.seconds,
+            "rows_per_second": self.rows_per_second,
+            "tokens_per_second": self.tokens_per_second,
+            "input_files": self.input_files,
+            "skipped_files": self.skipped_files,
+        }
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "rows_per_second": self.rows_per_second, "tokens_per_second": self.tokens_per_second}
+
+
+def format_summary(report: Mapping[str, Any]) -> str:
+    """The one line ``sentiment batch`` prints, from a run report (``_report.json``'s contents)."""
+    processed = report["processed_rows"]
+    if processed == 0:
+        return f"nothing to do: {report['output']} is complete with {report['output_rows']} rows"
+    scored = processed - report["errors"]
+    truncated = report["truncated"] / scored if scored else 0.0
+    line = (
+        f"{processed} rows in {report['seconds']:.1f} s: {report['rows_per_second']:.1f} rows/s, "
+        f"{report['tokens_per_second']:.0f} tokens/s, {truncated:.1%} truncated, {report['errors']} rows with errors"
+    )
+    if report["skipped_files"]:
+        line += f"; resumed: {report['skipped_files']} of {report['input_files']} input files were already complete"
+    return line + f"; {report['output_rows']} rows in {report['output']}"
+
+
+def run_report(result: BatchResult, args: PipelineArgs, started_at: str, finished_at: str) -> dict[str, Any]:
+    """What a run did and with what: `BatchResult.counts`, the model, the config, Ray's version, timestamps.
+
+    Rates count this run's rows (fewer than the output's when it resumed) over the wall time of its
+    Ray Data execution, actor start and model load included. ``model.device`` and ``model.dtype``
+    are as configured: 'auto' resolves in each actor (CUDA and bf16 where it has a GPU that supports it).
+    """
+    import ray
+
+    model = args.model
+    return {
+        "format": 1,
+        **result.counts(),
+        "model": {
+            "model_id": model.model_id,
+            "revision": model.revision,
+            "labels": list(result.labels),
+            "dtype": model.dtype,
+            "device": model.device,
+            "num_gpus_per_actor": args.num_gpus,
+        },
+        # PipelineArgs holds no secrets; mode="json" makes every value JSON-ready.
+        "config": args.model_dump(mode="json"),
+        "ray_version": ray.__version__,
+        "started_at": started_at,
+        "finished_at": finished_at,
+    }
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
 @dataclass(frozen=True)
@@ -501,8 +562,12 @@ def _check_manifest(location: Location, expected: dict[str, Any], what: str) -> 
             )
 
 
-def _commit(staging: Location, output: Location, plan: InputPlan) -> None:
-    """Rename partitions to flat part files, check every input's row count, then move staging to output."""
+def _commit(staging: Location, output: Location, plan: InputPlan, report: dict[str, Any] | None = None) -> None:
+    """Rename partitions to flat part files, check every input's row count, then move staging to output.
+
+    ``report``, with the output's counted rows, goes into staging as `REPORT` after the check, so
+    it moves into place with the results it describes.
+    """
     staged = _staged_outputs(staging)
     for item in plan.inputs:
         partition = _partition(staging, item.index)
@@ -518,8 +583,10 @@ def _commit(staging: Location, output: Location, plan: InputPlan) -> None:
 
     staged = _staged_outputs(staging)
     mismatches = []
+    output_rows = 0
     for item in plan.inputs:
         rows = _complete_rows(staged.get(item.index, []))
+        output_rows += rows or 0
         if rows != item.rows:
             mismatches.append(f"{item.uri}: {item.rows} rows in, {'unreadable' if rows is None else rows} out")
     if mismatches:
@@ -528,6 +595,8 @@ def _commit(staging: Location, output: Location, plan: InputPlan) -> None:
             f"{output.uri}, the results stay in {staging.uri}:\n" + "\n".join(mismatches[:20])
         )
     parts = sum(len(entries) for entries in staged.values())
+    if report is not None:
+        files.write_text(staging.child(REPORT), json.dumps({**report, "output_rows": output_rows}, indent=2) + "\n")
     files.write_text(staging.child(SUCCESS), json.dumps({"rows": plan.rows, "files": parts}) + "\n")
     if files.exists(output):
         files.delete(output)
@@ -558,6 +627,7 @@ def run(args: PipelineArgs) -> BatchResult:
     staging = output.sibling(STAGING_SUFFIX)
 
     # Inputs and output first, then the model's config (no weights): bad input fails before anything loads.
+    started_at = _now()
     plan = plan_inputs(args)
     resuming = _check_output_location(args, output, staging)
     plan = with_labels(plan, checkpoint_labels(args.model))
@@ -569,7 +639,9 @@ def run(args: PipelineArgs) -> BatchResult:
         if rows != plan.rows:
             raise BatchJobError(f"output {output.uri} holds {rows} rows but the inputs hold {plan.rows}")
         logger.info("output %s is already complete; nothing to do", output.uri)
-        return BatchResult(args.output, plan.rows, 0, 0.0, 0, 0, 0, len(plan.inputs), len(plan.inputs), plan.labels)
+        done = BatchResult(args.output, plan.rows, 0, 0.0, 0, 0, 0, len(plan.inputs), len(plan.inputs), plan.labels)
+        # The output keeps the report of the run that wrote it.
+        return replace(done, report=run_report(done, args, started_at, _now()))
 
     if resuming and not files.exists(staging.child(MANIFEST)):
         # Interrupted before its manifest was written, so before anything else was: start afresh.
@@ -606,8 +678,7 @@ def run(args: PipelineArgs) -> BatchResult:
         seconds = time.perf_counter() - started
     staged = _staged_outputs(staging)
     tokens, truncated, errors = _run_stats([entry for item in pending for entry in staged.get(item.index, [])])
-    _commit(staging, output, plan)
-    return BatchResult(
+    result = BatchResult(
         output=args.output,
         rows=plan.rows,
         processed_rows=sum(item.rows for item in pending),
@@ -619,3 +690,6 @@ def run(args: PipelineArgs) -> BatchResult:
         skipped_files=len(plan.inputs) - len(pending) if resuming else 0,
         labels=plan.labels,
     )
+    report = run_report(result, args, started_at, _now())
+    _commit(staging, output, plan, report)
+    return replace(result, report=report)

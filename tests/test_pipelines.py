@@ -6,7 +6,9 @@ Outputs are always sorted by id before comparing: Ray Data does not keep row ord
 from __future__ import annotations
 
 import contextlib
+import datetime
 import io
+import json
 import os
 import re
 import shutil
@@ -28,6 +30,7 @@ from pipelines.batch import (
     STAGING_SUFFIX,
     BatchJobError,
     _commit,
+    format_summary,
     map_batches_options,
     plan_inputs,
     run,
@@ -138,9 +141,9 @@ def test_output_has_the_documented_schema_and_layout(scored: tuple[Path, str], c
         "string",
     ]
     names = sorted(path.name for path in out.iterdir())
-    assert names[:2] == ["_SUCCESS", "_manifest.json"]
+    assert names[:3] == ["_SUCCESS", "_manifest.json", "_report.json"]
     # Inputs are numbered in path order; the empty file (index 1) has no output part.
-    assert {re.sub(r"-\d{4}\.parquet$", "", name) for name in names[2:]} == {
+    assert {re.sub(r"-\d{4}\.parquet$", "", name) for name in names[3:]} == {
         "part-00000-bad-rows",
         "part-00002-numbers",
         "part-00003-part-00000",
@@ -184,6 +187,46 @@ def test_summary_line_reports_rows_speed_truncation_and_errors(scored: tuple[Pat
     truncated = pc.sum(table.column("truncated").cast(pa.int64())).as_py()
     assert match.group(2) == f"{100 * truncated / 241:.1f}"
     assert int(match.group(1)) > 0
+
+
+def test_run_report_holds_the_numbers_of_the_output_and_the_summary_line_comes_from_it(
+    scored: tuple[Path, str], corpus: Path, tiny_checkpoint: Path
+) -> None:
+    import ray
+
+    out, printed = scored
+    report = json.loads((out / "_report.json").read_text())
+    # Counted here from the files, independently of the job: Arrow's reader skips the _ files.
+    input_rows = sum(pq.ParquetFile(path).metadata.num_rows for path in corpus.rglob("*.parquet"))
+    table = pq.read_table(out)
+    errors = table.num_rows - table.column("error").null_count
+    truncated = pc.sum(table.column("truncated").cast(pa.int64())).as_py()
+    tokens = pc.sum(table.column("num_tokens")).as_py()
+    assert (input_rows, table.num_rows, errors) == (246, 246, 5)
+    assert report["input_rows"] == input_rows
+    assert report["output_rows"] == table.num_rows
+    assert report["processed_rows"] == table.num_rows
+    assert report["errors"] == errors
+    assert report["truncated"] == truncated
+    assert report["tokens"] == tokens
+    assert report["rows_per_second"] == pytest.approx(246 / report["seconds"])
+    assert report["tokens_per_second"] == pytest.approx(tokens / report["seconds"])
+    assert report["model"] == {
+        "model_id": str(tiny_checkpoint),
+        "revision": None,
+        "labels": ["neg", "pos"],
+        "dtype": "auto",
+        "device": "auto",
+        "num_gpus_per_actor": 0.0,
+    }
+    assert report["config"]["batch_size"] == 32
+    assert (report["config"]["min_actors"], report["config"]["max_actors"]) == (1, 2)
+    assert report["config"]["output"] == str(out)
+    assert report["ray_version"] == ray.__version__
+    started = datetime.datetime.fromisoformat(report["started_at"])
+    finished = datetime.datetime.fromisoformat(report["finished_at"])
+    assert datetime.timedelta(0) <= finished - started <= datetime.timedelta(minutes=10)
+    assert printed.splitlines()[-1] == format_summary(report)
 
 
 def test_resume_of_a_complete_output_has_nothing_to_do(
