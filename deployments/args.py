@@ -10,11 +10,10 @@ import os
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from pydantic_core import PydanticCustomError
 
-from sentiment.config import ModelConfig, format_validation_error
-from sentiment.errors import InvalidInputError
+from sentiment.config import ModelConfig, parse_section
 
 # With num_gpus "auto" on a cluster that has GPUs, four replicas share each card: BERT-large in
 # bf16 needs under 1 GiB of weights, so one replica alone leaves most of a modern GPU idle.
@@ -188,11 +187,4 @@ class ServeArgs(BaseModel):
 
 def parse_serve_args(data: ServeArgs | Mapping[str, Any], source: str = "args") -> ServeArgs:
     """A `ServeArgs` from a mapping (a YAML ``args:`` section), with errors that name each bad field."""
-    if isinstance(data, ServeArgs):
-        return data
-    if not isinstance(data, Mapping):
-        raise InvalidInputError(f"{source} must be a mapping of ServeArgs fields, got {type(data).__name__}")
-    try:
-        return ServeArgs.model_validate(dict(data))
-    except ValidationError as exc:
-        raise InvalidInputError(f"invalid {source}:\n" + format_validation_error(exc, prefix=f"{source}.")) from exc
+    return parse_section(ServeArgs, data, source)

@@ -9,10 +9,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from sentiment.config import ModelConfig, format_validation_error
-from sentiment.errors import InvalidInputError
+from sentiment.config import ModelConfig, parse_section
 
 
 class PipelineArgs(BaseModel):
@@ -133,11 +132,4 @@ class PipelineArgs(BaseModel):
 
 def parse_pipeline_args(data: PipelineArgs | Mapping[str, Any], source: str = "batch") -> PipelineArgs:
     """A `PipelineArgs` from a mapping (a YAML ``batch:`` section plus ``model``), errors naming each bad field."""
-    if isinstance(data, PipelineArgs):
-        return data
-    if not isinstance(data, Mapping):
-        raise InvalidInputError(f"{source} must be a mapping of PipelineArgs fields, got {type(data).__name__}")
-    try:
-        return PipelineArgs.model_validate(dict(data))
-    except ValidationError as exc:
-        raise InvalidInputError(f"invalid {source}:\n" + format_validation_error(exc, prefix=f"{source}.")) from exc
+    return parse_section(PipelineArgs, data, source)

@@ -6,8 +6,9 @@ knob lives here once. Nothing here imports torch, transformers or ray.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -120,6 +121,23 @@ def format_validation_error(error: ValidationError, prefix: str = "") -> str:
         where = f"{prefix}{path}" if path else prefix.rstrip(".") or "config"
         lines.append(f"{where}: {item['msg']}")
     return "\n".join(lines)
+
+
+SectionT = TypeVar("SectionT", bound=BaseModel)
+
+
+def parse_section(cls: type[SectionT], data: SectionT | Mapping[str, Any], source: str) -> SectionT:
+    """A ``cls`` from a mapping (a YAML section), with errors that name each bad field under ``source``."""
+    from sentiment.errors import InvalidInputError
+
+    if isinstance(data, cls):
+        return data
+    if not isinstance(data, Mapping):
+        raise InvalidInputError(f"{source} must be a mapping of {cls.__name__} fields, got {type(data).__name__}")
+    try:
+        return cls.model_validate(dict(data))
+    except ValidationError as exc:
+        raise InvalidInputError(f"invalid {source}:\n" + format_validation_error(exc, prefix=f"{source}.")) from exc
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
