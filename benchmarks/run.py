@@ -49,7 +49,7 @@ SECTION_END = "<!-- benchmarks.run: end -->"
 # Forward budgets tried for the ceiling: one review at a time (512 fits any single window), the
 # budget the Serve benchmark found best for CPU fp32, and bigger batches.
 CANDIDATE_BUDGETS = (512, 2048, 8192)
-SAMPLE_WINDOWS = 96
+SAMPLE_WINDOWS = 48
 
 
 @dataclass
