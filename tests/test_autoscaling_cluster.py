@@ -9,8 +9,10 @@ every Ray on the machine, and node launches take minutes on two cores. Run it al
 
 from __future__ import annotations
 
+import copy
 import time
 from pathlib import Path
+from typing import Any
 
 import pyarrow.parquet as pq
 import pytest
@@ -23,6 +25,36 @@ from sentiment.config import ModelConfig
 pytestmark = pytest.mark.slow
 
 
+# The fake provider's base config. Ray's wheel does not ship the example.yaml that
+# AutoscalingCluster reads, so the test brings its own; worker types are filled in below.
+FAKE_PROVIDER_CONFIG: dict[str, Any] = {
+    "cluster_name": "fake_multinode",
+    "max_workers": 4,
+    "provider": {
+        "type": "fake_multinode",
+        "use_node_id_as_ip": True,
+        "disable_node_updaters": True,
+        "disable_launch_config_check": True,
+    },
+    "head_node_type": "ray.head.default",
+    "auth": {},
+    "upscaling_speed": 1.0,
+    "idle_timeout_minutes": 0.25,
+    "docker": {},
+    "initialization_commands": [],
+    "setup_commands": [],
+    "head_setup_commands": [],
+    "worker_setup_commands": [],
+    "head_start_ray_commands": [],
+    "worker_start_ray_commands": [],
+    "file_mounts": {},
+    "cluster_synced_files": [],
+    "file_mounts_sync_continuously": False,
+    "rsync_exclude": [],
+    "rsync_filter": [],
+}
+
+
 def gpu_nodes() -> int:
     import ray
 
@@ -33,8 +65,17 @@ def test_a_gpu_batch_job_adds_gpu_workers_and_idle_ones_are_removed(tmp_path: Pa
     import ray
     from ray.cluster_utils import AutoscalingCluster
 
+    class LocalAutoscalingCluster(AutoscalingCluster):
+        def _generate_config(self, head_resources: Any, worker_node_types: Any, **kwargs: Any) -> dict[str, Any]:
+            config = copy.deepcopy(FAKE_PROVIDER_CONFIG)
+            config["available_node_types"] = {
+                **worker_node_types,
+                "ray.head.default": {"resources": head_resources, "node_config": {}, "max_workers": 0},
+            }
+            return config
+
     ray.shutdown()
-    cluster = AutoscalingCluster(
+    cluster = LocalAutoscalingCluster(
         head_resources={"CPU": 2},
         worker_node_types={
             "gpu_worker": {
@@ -44,7 +85,6 @@ def test_a_gpu_batch_job_adds_gpu_workers_and_idle_ones_are_removed(tmp_path: Pa
                 "max_workers": 2,
             }
         },
-        idle_timeout_minutes=0.25,
     )
     try:
         cluster.start()
