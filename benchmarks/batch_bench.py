@@ -16,18 +16,22 @@ included, Ray start excluded):
 It reports rows/s, tokens/s (tokens of the whole reviews, the same count for every contender), the
 ratio to the baseline, label agreement with the baseline on reviews that fit in 512 tokens (longer
 ones differ by design: the baseline keeps the head, the job head and tail), and for bf16 the share of
-labels that differ from fp32. The weights are random, so the labels mean nothing and their margins are
-tiny: bf16's rounding flips more of them than it would on a fine-tuned model.
+labels that differ from fp32, and the mean load average during each run (this machine may be shared:
+a load well above the thread count means other work competed). The weights are random, so the labels
+mean nothing and their margins are tiny: bf16's rounding flips more of them than it would on a
+fine-tuned model.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +42,35 @@ from benchmarks.common import cpu_name, cpu_supports_bf16, ensure_checkpoint
 from benchmarks.corpus import write_corpus
 
 BASELINE_BATCH_SIZE = 16
+
+
+class LoadSampler:
+    """The 1-minute load average, sampled every few seconds per phase: a shared machine's other work shows."""
+
+    def __init__(self, interval_s: float = 5.0) -> None:
+        self.interval_s = interval_s
+        self.samples: dict[str, list[float]] = {}
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        samples = self.samples.setdefault(name, [])
+        stop = threading.Event()
+
+        def sample() -> None:
+            while not stop.wait(self.interval_s):
+                samples.append(float(Path("/proc/loadavg").read_text().split()[0]))
+
+        thread = threading.Thread(target=sample, daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join()
+
+    def mean(self, name: str) -> float:
+        samples = self.samples.get(name) or [0.0]
+        return sum(samples) / len(samples)
 
 
 def run_baseline(checkpoint: Path, corpus: Path) -> tuple[float, list[str]]:
@@ -106,6 +139,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--files", type=int, default=4, help="Parquet files in the corpus (default 4)")
     parser.add_argument("--out", default="benchmarks/out/batch", help="working directory (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads (default: all cores)")
+    parser.add_argument(
+        "--max-batch-tokens",
+        type=int,
+        default=2048,
+        help="the job's token budget per forward pass (default 2048: measured fastest on CPU; 16384 suits GPUs)",
+    )
     parser.add_argument("--no-bf16", action="store_true", help="skip the bf16 run even if the CPU supports it")
     args = parser.parse_args(argv)
 
@@ -124,18 +163,37 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     ray.init(include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1"}})
 
-    baseline_seconds, baseline_labels = run_baseline(checkpoint, corpus)
+    load = LoadSampler()
+    with load.phase("baseline"):
+        baseline_seconds, baseline_labels = run_baseline(checkpoint, corpus)
     rows: list[dict[str, Any]] = []
-    fp32_result, fp32 = run_job(checkpoint, corpus, out / "scored-fp32", "fp32", args.threads)
+    with load.phase("fp32"):
+        fp32_result, fp32 = run_job(
+            checkpoint, corpus, out / "scored-fp32", "fp32", args.threads, args.max_batch_tokens
+        )
     tokens = int(sum(fp32.column("num_tokens").to_pylist()))
     fits = [n <= 512 for n in fp32.column("num_tokens").to_pylist()]
-    rows.append({"name": f"transformers.pipeline, batch_size={BASELINE_BATCH_SIZE}, fp32", "seconds": baseline_seconds})
+    rows.append(
+        {
+            "name": f"transformers.pipeline, batch_size={BASELINE_BATCH_SIZE}, fp32",
+            "seconds": baseline_seconds,
+            "load": load.mean("baseline"),
+        }
+    )
     same, compared = agreement(fp32.column("label").to_pylist(), baseline_labels, fits)
     rows.append(
-        {"name": "sentiment batch, fp32", "seconds": fp32_result.seconds, "same_as_baseline": f"{same}/{compared}"}
+        {
+            "name": "sentiment batch, fp32",
+            "seconds": fp32_result.seconds,
+            "same_as_baseline": f"{same}/{compared}",
+            "load": load.mean("fp32"),
+        }
     )
     if cpu_supports_bf16() and not args.no_bf16:
-        bf16_result, bf16 = run_job(checkpoint, corpus, out / "scored-bf16", "bf16", args.threads)
+        with load.phase("bf16"):
+            bf16_result, bf16 = run_job(
+                checkpoint, corpus, out / "scored-bf16", "bf16", args.threads, args.max_batch_tokens
+            )
         same_bf16, _ = agreement(bf16.column("label").to_pylist(), baseline_labels, fits)
         pairs = zip(bf16.column("label").to_pylist(), fp32.column("label").to_pylist(), strict=True)
         differ = sum(x != y for x, y in pairs)
@@ -145,6 +203,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "seconds": bf16_result.seconds,
                 "same_as_baseline": f"{same_bf16}/{compared}",
                 "differs_from_fp32": f"{differ}/{len(texts)} ({differ / len(texts):.1%})",
+                "load": load.mean("bf16"),
             }
         )
     tokenize = tokenization_seconds(checkpoint, texts)
@@ -162,6 +221,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "threads": args.threads,
         "torch": torch.__version__,
         "ray": ray.__version__,
+        "max_batch_tokens": args.max_batch_tokens,
         "tokenization_seconds": tokenize,
         "results": rows,
     }
@@ -171,12 +231,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{len(texts)} reviews, {tokens} tokens ({report['over_512']} over 512), random-weight BERT-base, "
         f"{report['cpu']}, {report['cores']} cores, torch {torch.__version__}, ray {ray.__version__}"
     )
-    print("| run | seconds | rows/s | tokens/s | vs baseline | labels = baseline (<= 512 tokens) | labels != fp32 |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print(
+        "| run | seconds | rows/s | tokens/s | vs baseline | labels = baseline (<= 512 tokens) | labels != fp32 "
+        "| mean load |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for row in rows:
         print(
             f"| {row['name']} | {row['seconds']:.1f} | {row['rows_per_s']:.2f} | {row['tokens_per_s']:.0f} | "
-            f"{row['vs_baseline']:.2f}x | {row.get('same_as_baseline', '-')} | {row.get('differs_from_fp32', '-')} |"
+            f"{row['vs_baseline']:.2f}x | {row.get('same_as_baseline', '-')} | {row.get('differs_from_fp32', '-')} "
+            f"| {row['load']:.1f} |"
         )
     print(f"tokenizing the whole corpus takes {tokenize:.2f} s (a separate tokenization stage could hide at most that)")
     return 0
