@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from deployments.args import AUTO_GPU_FRACTION, ServeArgs, parse_serve_args
+from deployments.batcher import Batcher
 from deployments.errors import ApiError, ErrorType
 from deployments.metrics import EndpointMetrics
 from sentiment.config import LongTextStrategy, ModelConfig
@@ -47,8 +48,6 @@ class SentimentServer:
     """
 
     def __init__(self, args: ServeArgs) -> None:
-        from ray import serve
-
         self.args = args
         self.num_gpus = float(args.ray_actor_options.num_gpus) if args.ray_actor_options.num_gpus != "auto" else 0.0
         self.classifier = SentimentClassifier(replica_model_config(args.model, self.num_gpus))
@@ -58,14 +57,14 @@ class SentimentServer:
         self.batch_max_tokens = args.effective_batch_max_tokens
         self._failures = 0
         self.metrics = EndpointMetrics()
-        # Decorating the bound method here, not the class, gives each replica a batch queue sized
-        # by its own args. Serve's batch size is one number, so `_batch_size` folds the text and
-        # token limits into text units: a batch is full when either limit is reached.
-        self._predict_batch = serve.batch(
-            max_batch_size=self.batch_max_texts,
-            batch_wait_timeout_s=args.batch_wait_timeout_s,
-            batch_size_fn=self._batch_size,
-        )(self._run_batch)
+        # A batch's size is one number, so `_batch_size` folds the text and token limits into text
+        # units: a batch is full when either limit is reached.
+        self._batcher: Batcher[_Work, list[Prediction]] = Batcher(
+            self._run_batch,
+            size=self._batch_size,
+            max_size=self.batch_max_texts,
+            max_wait_s=args.batch_wait_timeout_s,
+        )
         logger.info(
             "Replica ready: %s on %s (%s), warmed up at %d tokens; batches of up to %d texts / %d tokens%s.",
             args.model.model_id,
@@ -120,18 +119,15 @@ class SentimentServer:
                     )
         self.metrics.record_texts(encoded)
         tokens = sum(len(window) for text in encoded for window in text.windows)
-        predictions: list[Prediction] = await self._predict_batch(_Work(encoded, tokens))
-        return predictions
+        return await self._batcher.submit(_Work(encoded, tokens))
 
     def _batch_size(self, batch: list[_Work]) -> int:
-        size = batch_size(
+        return batch_size(
             sum(len(work.encoded) for work in batch),
             sum(work.num_tokens for work in batch),
             self.batch_max_texts,
             self.batch_max_tokens,
         )
-        # Serve fails a lone request bigger than the whole batch; count it as exactly full, so it runs alone.
-        return min(size, self.batch_max_texts) if len(batch) == 1 else size
 
     async def _run_batch(self, batch: list[_Work]) -> list[list[Prediction]]:
         encoded = [text for work in batch for text in work.encoded]
@@ -155,9 +151,9 @@ class SentimentServer:
 def batch_size(texts: int, tokens: int, max_texts: int, max_tokens: int) -> int:
     """Size of a gathered batch in text units: at most ``max_texts`` exactly when both limits hold.
 
-    Serve's ``@serve.batch`` compares one number with its ``max_batch_size``; counting tokens in
-    text units (``max_tokens`` tokens weigh ``max_texts`` texts) lets that one comparison enforce
-    the text limit and the token limit together.
+    The batcher compares one number with its ``max_size``; counting tokens in text units
+    (``max_tokens`` tokens weigh ``max_texts`` texts) lets that one comparison enforce the text
+    limit and the token limit together.
     """
     return max(texts, math.ceil(tokens * max_texts / max_tokens))
 

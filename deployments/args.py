@@ -19,6 +19,10 @@ from sentiment.config import ModelConfig, parse_section
 # bf16 needs under 1 GiB of weights, so one replica alone leaves most of a modern GPU idle.
 AUTO_GPU_FRACTION = 0.25
 DEFAULT_API_KEY_ENV = "SENTIMENT_API_KEY"
+# Tokens one replica gathers from concurrent requests into one batch by default. The classifier
+# splits a gathered batch into forward passes of its own budget, so this only bounds how much work
+# one batch (and the latency of its requests) may hold.
+DEFAULT_GATHER_TOKENS = 16384
 
 
 def _invalid(message: str) -> PydanticCustomError:
@@ -131,14 +135,19 @@ class ServeArgs(BaseModel):
         None,
         ge=1,
         description=(
-            "Most tokens (all windows of all texts) in one gathered batch. None: the model's max_batch_tokens. "
+            "Most tokens (all windows of all texts) in one gathered batch; the classifier splits it into "
+            f"forward passes of model.max_batch_tokens. None: {DEFAULT_GATHER_TOKENS}, or model.max_batch_tokens "
+            "if that is larger. "
             "A single request over the budget runs alone."
         ),
     )
     batch_wait_timeout_s: float = Field(
         0.01,
         ge=0,
-        description="How long the first request of a batch waits for others before the batch runs.",
+        description=(
+            "How long a request that finds the replica idle waits for others before its batch runs. "
+            "Requests that arrive while a batch runs need no wait: they all go into the next batch."
+        ),
     )
     max_texts_per_request: int = Field(64, ge=1, description="Most texts in one request; more gets 413.")
     max_chars_per_text: int = Field(100_000, ge=1, description="Most characters in one text; more gets 413.")
@@ -175,7 +184,10 @@ class ServeArgs(BaseModel):
 
     @property
     def effective_batch_max_tokens(self) -> int:
-        return self.batch_max_tokens or self.model.max_batch_tokens
+        if self.batch_max_tokens is not None:
+            return self.batch_max_tokens
+        model_budget = self.model.max_batch_tokens
+        return DEFAULT_GATHER_TOKENS if model_budget == "auto" else max(model_budget, DEFAULT_GATHER_TOKENS)
 
     def resolve_api_key(self, environ: Mapping[str, str] | None = None) -> str | None:
         """The key requests must carry: `api_key`, else the `api_key_env` variable, else None (no key)."""

@@ -44,9 +44,20 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"], help="precision")
     group.add_argument("--device", help="auto, cpu, cuda or cuda:N")
     group.add_argument("--max-length", type=int, help="most tokens per model input (capped by the model)")
-    group.add_argument("--max-batch-tokens", type=int, help="token budget of one forward pass")
+    group.add_argument(
+        "--max-batch-tokens", type=_tokens_or_auto, metavar="N|auto", help="token budget of one forward pass"
+    )
     group.add_argument("--max-batch-size", type=int, help="most inputs in one forward pass")
     group.add_argument("--config", metavar="FILE", help="YAML file; its 'model' section holds ModelConfig fields")
+
+
+def _tokens_or_auto(value: str) -> int | str:
+    if value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of tokens or 'auto', got {value!r}") from None
 
 
 def load_config_file(args: argparse.Namespace) -> dict[str, Any]:

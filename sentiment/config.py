@@ -73,12 +73,12 @@ class ModelConfig(BaseModel):
         ),
     )
     chunk_stride: int = Field(256, ge=1, description="Tokens between the starts of consecutive windows under 'chunks'.")
-    max_batch_tokens: int = Field(
-        16384,
-        ge=1,
+    max_batch_tokens: int | Literal["auto"] = Field(
+        "auto",
         description=(
             "Token budget of one forward pass: batch size times its longest member (padding included). "
-            "A single input longer than the budget still runs, alone."
+            "A single input longer than the budget still runs, alone. 'auto': the budget measured best "
+            "for the device and precision (see auto_max_batch_tokens)."
         ),
     )
     max_batch_size: int = Field(64, ge=1, description="Most inputs in one forward pass, whatever their length.")
@@ -103,6 +103,18 @@ class ModelConfig(BaseModel):
             return value
         raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {value!r}")
 
+    @field_validator("max_batch_tokens", mode="before")
+    @classmethod
+    def _check_max_batch_tokens(cls, value: Any) -> Any:
+        # Checked before pydantic tries the union, so a bad value gets one error, not one per member.
+        if value == "auto":
+            return value
+        if isinstance(value, str) and value.strip().isdigit():
+            value = int(value)
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+            return value
+        raise ValueError(f"max_batch_tokens must be a positive number of tokens or 'auto', got {value!r}")
+
     @field_validator("labels")
     @classmethod
     def _check_labels(cls, value: list[str]) -> list[str]:
@@ -111,6 +123,26 @@ class ModelConfig(BaseModel):
         if len(set(value)) != len(value):
             raise ValueError(f"labels must be unique, got {value}")
         return value
+
+
+# Forward token budgets that 'auto' picks, by device type and precision. On a CPU, a bigger batch
+# adds no arithmetic efficiency in fp32 (one review's matrices already fill the cores) while it
+# costs cache misses and padding: BERT-base on 2 Xeon cores ran 1,580 tokens/s at 512 to 1,024
+# tokens and 1,130 at 16,384. bf16 on AMX wants taller matrices, up to a point. GPUs want big batches.
+# Measured: benchmarks/RESULTS.md, "Forward token budget by device and precision".
+AUTO_MAX_BATCH_TOKENS: dict[tuple[str, str], int] = {
+    ("cpu", "fp32"): 1024,
+    ("cpu", "bf16"): 2048,
+    ("cpu", "fp16"): 1024,
+}
+AUTO_MAX_BATCH_TOKENS_GPU = 16384
+
+
+def auto_max_batch_tokens(device_type: str, dtype: str) -> int:
+    """The forward token budget 'auto' means on ``device_type`` ('cpu', 'cuda') at ``dtype`` ('fp32', ...)."""
+    if device_type == "cpu":
+        return AUTO_MAX_BATCH_TOKENS.get((device_type, dtype), AUTO_MAX_BATCH_TOKENS[("cpu", "fp32")])
+    return AUTO_MAX_BATCH_TOKENS_GPU
 
 
 def format_validation_error(error: ValidationError, prefix: str = "") -> str:

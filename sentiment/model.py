@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow as pa
 
-from sentiment.config import LongTextStrategy, ModelConfig
+from sentiment.config import LongTextStrategy, ModelConfig, auto_max_batch_tokens
 from sentiment.errors import InvalidInputError, ModelLoadError
 from sentiment.labels import resolve_labels
 from sentiment.windows import content_windows
@@ -126,6 +126,11 @@ class SentimentClassifier:
         # head_tokens is meant for BERT's 510 content tokens (Sun et al.'s 128 + 382); a shorter
         # limit keeps the same proportion rather than failing on the default.
         self.head_tokens = min(self.config.head_tokens, round(self.config.head_tokens * self.max_content / 510))
+        self.max_batch_tokens: int = (
+            auto_max_batch_tokens(self.device.type, _DTYPE_NAMES[str(self.dtype)])
+            if self.config.max_batch_tokens == "auto"
+            else int(self.config.max_batch_tokens)
+        )
         pad_id = self.tokenizer.pad_token_id
         self._pad_id = 0 if pad_id is None else int(pad_id)
         # One worker each: forward passes are serialized anyway (they share the cores or the GPU),
@@ -147,7 +152,7 @@ class SentimentClassifier:
             "head_tokens": self.head_tokens,
             "dtype": _DTYPE_NAMES[str(self.dtype)],
             "device": str(self.device),
-            "max_batch_tokens": self.config.max_batch_tokens,
+            "max_batch_tokens": self.max_batch_tokens,
             "max_batch_size": self.config.max_batch_size,
         }
 
@@ -194,7 +199,7 @@ class SentimentClassifier:
         """
         probabilities = np.zeros((len(sequences), len(self.labels)), dtype=np.float32)
         lengths = [len(sequence) for sequence in sequences]
-        for batch in plan_batches(lengths, self.config.max_batch_tokens, self.config.max_batch_size):
+        for batch in plan_batches(lengths, self.max_batch_tokens, self.config.max_batch_size):
             probabilities[batch] = self._forward_batch([sequences[i] for i in batch])
         return probabilities
 

@@ -38,9 +38,20 @@ def test_bad_config_value_names_the_field(tmp_path: Path, capsys: pytest.Capture
     config = tmp_path / "config.yaml"
     config.write_text("model:\n  max_batch_tokens: -1\n")
     assert main(["predict", "x", "--config", str(config)]) == 2
-    assert "model.max_batch_tokens: Input should be greater than or equal to 1" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "model.max_batch_tokens: Value error, max_batch_tokens must be a positive number of tokens or 'auto'" in err
 
 
 def test_missing_model_directory_exits_1_with_the_reason(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["predict", "x", "--model", str(tmp_path / "absent")]) == 1
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_max_batch_tokens_flag_takes_a_count_or_auto(tiny_checkpoint: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    for value in ("auto", "700"):
+        assert main(["predict", "a good film", "--model", str(tiny_checkpoint), "--max-batch-tokens", value]) == 0
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as info:
+        main(["predict", "a good film", "--model", str(tiny_checkpoint), "--max-batch-tokens", "lots"])
+    assert info.value.code == 2
+    assert "expected a number of tokens or 'auto', got 'lots'" in capsys.readouterr().err

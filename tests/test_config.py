@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from sentiment.config import ModelConfig, format_validation_error, read_yaml
+from sentiment.config import ModelConfig, auto_max_batch_tokens, format_validation_error, read_yaml
 from sentiment.errors import InvalidInputError
 
 
@@ -24,6 +24,7 @@ def test_defaults_are_the_imdb_model_with_head_tail() -> None:
         ({"long_text": "middle"}, "long_text"),
         ({"device": "tpu"}, "device"),
         ({"max_batch_tokens": 0}, "max_batch_tokens"),
+        ({"max_batch_tokens": "lots"}, "max_batch_tokens"),
         ({"labels": ["neg", "neg"]}, "labels"),
         ({"gpu_memory_fraction": 1.5}, "gpu_memory_fraction"),
         ({"modle_id": "x"}, "modle_id"),
@@ -34,6 +35,23 @@ def test_config_errors_name_the_field(fields: dict[str, object], named: str) -> 
         ModelConfig(**fields)  # type: ignore[arg-type]
     message = format_validation_error(info.value, prefix="model.")
     assert message.startswith(f"model.{named}:")
+
+
+def test_max_batch_tokens_takes_a_count_or_auto() -> None:
+    assert ModelConfig().max_batch_tokens == "auto"
+    assert ModelConfig(max_batch_tokens=4096).max_batch_tokens == 4096
+    assert ModelConfig.model_validate({"max_batch_tokens": "auto"}).max_batch_tokens == "auto"
+    with pytest.raises(ValidationError, match="positive number of tokens or 'auto', got -5"):
+        ModelConfig(max_batch_tokens=-5)
+
+
+def test_auto_budget_is_small_on_a_cpu_and_large_on_a_gpu() -> None:
+    # Measured on BERT-base (benchmarks/RESULTS.md): fp32 on a CPU is fastest with small batches,
+    # bf16 on AMX a little larger, a GPU wants big ones.
+    assert auto_max_batch_tokens("cpu", "fp32") == 1024
+    assert auto_max_batch_tokens("cpu", "bf16") == 2048
+    assert auto_max_batch_tokens("cuda", "bf16") == auto_max_batch_tokens("cuda", "fp16") == 16384
+    assert auto_max_batch_tokens("cpu", "fp32") < auto_max_batch_tokens("cuda", "fp32")
 
 
 def test_read_yaml_names_the_file(tmp_path: Path) -> None:

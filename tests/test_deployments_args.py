@@ -33,6 +33,13 @@ def test_defaults_follow_the_issue() -> None:
     assert args.api_key is None
 
 
+def test_gathered_batch_holds_at_least_one_forward_pass() -> None:
+    # A small forward budget (a CPU's) still gathers many requests; a big one raises the gathered budget.
+    assert parse_serve_args({"model": {"max_batch_tokens": 1024}}).effective_batch_max_tokens == 16384
+    assert parse_serve_args({"model": {"max_batch_tokens": 65536}}).effective_batch_max_tokens == 65536
+    assert parse_serve_args({"batch_max_tokens": 4000}).effective_batch_max_tokens == 4000
+
+
 def test_max_ongoing_requests_below_the_batch_size_is_refused() -> None:
     with pytest.raises(InvalidInputError, match=r"max_ongoing_requests \(16\) must be at least the batch size \(32"):
         parse_serve_args({"max_ongoing_requests": 16, "batch_max_texts": 32})

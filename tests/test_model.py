@@ -270,6 +270,28 @@ def test_describe_reports_what_runs(classifier: SentimentClassifier, tiny_checkp
     info = classifier.describe()
     assert info["model"] == str(tiny_checkpoint)
     assert (info["labels"], info["max_length"], info["dtype"], info["device"]) == (["neg", "pos"], 512, "fp32", "cpu")
+    # The default budget, 'auto', resolved for the device and precision that run.
+    assert info["max_batch_tokens"] == classifier.max_batch_tokens == 1024
+
+
+def test_auto_budget_follows_the_precision_and_an_explicit_budget_is_kept(tiny_checkpoint: Path) -> None:
+    bf16 = SentimentClassifier(ModelConfig(model_id=str(tiny_checkpoint), dtype="bf16"))
+    assert bf16.max_batch_tokens == 2048
+    fixed = SentimentClassifier(ModelConfig(model_id=str(tiny_checkpoint), max_batch_tokens=300, max_batch_size=64))
+    assert fixed.max_batch_tokens == 300
+    # 300 tokens hold 3 windows of 100 tokens, so 7 texts of that length take 3 forward passes.
+    text = " ".join(["good"] * 98)
+    assert len(fixed.encode([text])[0].windows[0]) == 100
+    calls: list[int] = []
+    original = fixed._forward_batch
+
+    def counting(batch: list[list[int]]) -> object:
+        calls.append(len(batch))
+        return original(batch)
+
+    fixed._forward_batch = counting  # type: ignore[method-assign]
+    fixed.predict([text] * 7)
+    assert calls == [3, 3, 1]
 
 
 def test_bf16_runs_and_stays_close_to_fp32(tiny_checkpoint: Path, classifier: SentimentClassifier) -> None:
