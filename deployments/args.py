@@ -142,7 +142,9 @@ class ServeArgs(BaseModel):
         ),
     )
     batch_wait_timeout_s: float = Field(
-        0.01,
+        # 0, as Triton's dynamic batcher defaults to: under load, batches fill while the previous
+        # one runs, so a wait only adds latency to a lone request.
+        0.0,
         ge=0,
         description=(
             "How long a request that finds the replica idle waits for others before its batch runs. "
