@@ -73,15 +73,15 @@ class LoadSampler:
         return sum(samples) / len(samples)
 
 
-def run_baseline(checkpoint: Path, corpus: Path) -> tuple[float, list[str]]:
-    """Seconds and labels (in corpus id order) of the plain pipeline loop."""
+def run_baseline(checkpoint: Path, corpus: Path, device: str = "cpu") -> tuple[float, list[str]]:
+    """Seconds and labels (in corpus id order) of the plain pipeline loop, in fp32 on ``device``."""
     import torch
     from transformers import pipeline
 
     started = time.perf_counter()
     table = pq.read_table(corpus).sort_by("id")
     texts = table.column("text").to_pylist()
-    classify = pipeline("text-classification", model=str(checkpoint), dtype=torch.float32, device="cpu")
+    classify = pipeline("text-classification", model=str(checkpoint), dtype=torch.float32, device=device)
     outputs = classify(texts, batch_size=BASELINE_BATCH_SIZE, truncation=True)
     seconds = time.perf_counter() - started
     # The checkpoint's id2label is LABEL_0/LABEL_1, which the job reports as neg/pos.
@@ -90,9 +90,18 @@ def run_baseline(checkpoint: Path, corpus: Path) -> tuple[float, list[str]]:
 
 
 def run_job(
-    checkpoint: Path, corpus: Path, output: Path, dtype: str, threads: int, max_batch_tokens: int | None = None
+    checkpoint: Path,
+    corpus: Path,
+    output: Path,
+    dtype: str,
+    threads: int,
+    max_batch_tokens: int | None = None,
+    num_gpus: float = 0,
 ) -> tuple[Any, pa.Table]:
-    """The batch job's result and its output table (sorted by id); ``max_batch_tokens`` None: the default."""
+    """The batch job's result and its output table (sorted by id); ``max_batch_tokens`` None: the default.
+
+    ``num_gpus`` 1 gives the job's one actor a whole GPU.
+    """
     from pipelines.args import PipelineArgs
     from pipelines.batch import run
     from sentiment.config import ModelConfig
@@ -111,6 +120,7 @@ def run_job(
         min_actors=1,
         max_actors=1,
         num_cpus=1,
+        num_gpus=num_gpus,
         cpu_threads=threads,
     )
     result = run(args)

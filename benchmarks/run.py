@@ -47,10 +47,13 @@ from sentiment.config import auto_max_batch_tokens
 
 SECTION_START = "<!-- benchmarks.run: start -->"
 SECTION_END = "<!-- benchmarks.run: end -->"
-# Forward budgets tried for the ceiling: one review at a time (512 fits any single window), the
-# budgets 'auto' picks on a CPU, and bigger batches.
-CANDIDATE_BUDGETS = (512, 1024, 2048, 4096, 8192)
+# Forward budgets tried for the ceiling: on a CPU one review at a time (512 fits any single window),
+# the budgets 'auto' picks there, and bigger batches; on a GPU, 'auto' (16384) and around it.
+CANDIDATE_BUDGETS = {"cpu": (512, 1024, 2048, 4096, 8192), "cuda": (4096, 16384, 65536)}
 SAMPLE_WINDOWS = 48
+# Dense bf16/fp16 tensor-core peaks (TFLOP/s) by GPU name, for MFU; --peak-tflops overrides.
+DEFAULT_DTYPES = {"cpu": "fp32,bf16", "cuda": "fp32,bf16,fp16"}
+PEAK_TFLOPS = {"H200": 989.4, "H100": 989.4, "A100": 312.0}
 
 
 @dataclass
@@ -82,14 +85,14 @@ class Row:
 
 
 def ceiling(
-    checkpoint: Path, texts: list[str], dtype: str, budgets: Sequence[int]
-) -> tuple[float, int, np.ndarray, list[int], dict[int, float]]:
+    checkpoint: Path, texts: list[str], dtype: str, budgets: Sequence[int], device: str = "cpu"
+) -> tuple[float, int, np.ndarray, list[int], dict[int, float], float]:
     """Seconds over all windows at the best budget, that budget, the probabilities, the window lengths,
-    and each budget's tokens/s on the sample."""
+    each budget's tokens/s on the sample, and the forward FLOPs over all windows."""
     from sentiment.config import ModelConfig
     from sentiment.model import SentimentClassifier
 
-    classifier = SentimentClassifier(ModelConfig(model_id=str(checkpoint), dtype=dtype, device="cpu"))  # type: ignore[arg-type]
+    classifier = SentimentClassifier(ModelConfig(model_id=str(checkpoint), dtype=dtype, device=device))  # type: ignore[arg-type]
     windows = [window for text in classifier.encode(texts) for window in text.windows]
     lengths = [len(window) for window in windows]
     step = max(1, len(windows) // SAMPLE_WINDOWS)
@@ -106,7 +109,19 @@ def ceiling(
     classifier.max_batch_tokens = best
     started = time.perf_counter()
     probabilities = classifier.forward(windows)
-    return time.perf_counter() - started, best, probabilities, lengths, speeds
+    seconds = time.perf_counter() - started
+    return seconds, best, probabilities, lengths, speeds, forward_flops(classifier.model, lengths)
+
+
+def forward_flops(model: Any, lengths: Sequence[int]) -> float:
+    """Forward FLOPs of a BERT encoder over windows of ``lengths`` tokens (padding not counted).
+
+    Per token, 2 FLOPs per weight of every matrix (embedding lookups are not matrix products), plus
+    attention's two n x n products per layer: QK^T and AV, 2 * n * hidden FLOPs each per token.
+    """
+    weights = sum(p.numel() for name, p in model.named_parameters() if "embeddings" not in name)
+    layers, hidden = model.config.num_hidden_layers, model.config.hidden_size
+    return float(sum(2 * weights * n + 4 * layers * hidden * n * n for n in lengths))
 
 
 def online(
@@ -116,21 +131,28 @@ def online(
     dtypes: Sequence[str],
     levels: Sequence[int],
     duration: float,
+    device: str = "cpu",
+    replicas: int = 1,
 ) -> list[Row]:
-    """Closed-loop runs of the fp32 per-request baseline and of our app per precision, at each level."""
+    """Closed-loop runs of the fp32 per-request baseline and of our app per precision, at each level.
+
+    On a GPU the baseline holds the whole card and our app runs ``replicas`` replicas sharing it.
+    """
     import ray
     from ray import serve
 
     from deployments.app import build_app
 
     cpus = os.cpu_count() or 1
-    resources = {"num_cpus": cpus, "num_gpus": 0}
+    gpu = device == "cuda"
+    resources = {"num_cpus": cpus, "num_gpus": 1 if gpu else 0}
+    replica_resources = {"num_cpus": max(1, cpus // replicas), "num_gpus": 1 / replicas if gpu else 0}
     payloads = [{"texts": [text]} for text in texts]
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     if not ray.is_initialized():
-        ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+        ray.init(num_cpus=cpus, num_gpus=_gpus(device), include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     rows: list[Row] = []
     systems: list[tuple[str, str, Any, str]] = [
@@ -139,7 +161,7 @@ def online(
             "fp32",
             serve.deployment(
                 PipelineBaseline, name="PipelineBaseline", num_replicas=1, ray_actor_options=resources
-            ).bind(str(checkpoint), "fp32", "cpu"),
+            ).bind(str(checkpoint), "fp32", device),
             "",
         )
     ]
@@ -149,8 +171,8 @@ def online(
                 # The shipped defaults (auto forward budget, batching limits), only the model and
                 # resources set: the table measures what a user gets.
                 "model": {"model_id": str(checkpoint), "dtype": dtype},
-                "num_replicas": 1,
-                "ray_actor_options": resources,
+                "num_replicas": replicas,
+                "ray_actor_options": replica_resources,
             }
         )
         systems.append(("ours", dtype, app, "/v1/classify"))
@@ -164,7 +186,9 @@ def online(
                 # Requests go out in corpus order, cycling, so the answered ones are (nearly) a prefix.
                 tokens = sum(model_tokens[i % len(texts)] for i in range(result.texts))
                 label = "baseline: pipeline per request" if system == "baseline" else "ours: Serve app"
-                budget = f", budget auto ({auto_max_batch_tokens('cpu', dtype)})" if system == "ours" else ""
+                budget = f", budget auto ({auto_max_batch_tokens(device, dtype)})" if system == "ours" else ""
+                if system == "ours" and replicas > 1:
+                    budget += f", {replicas} replicas"
                 rows.append(
                     Row(
                         "online",
@@ -191,11 +215,13 @@ def ratio(value: float | None, reference: float | None) -> str:
     return f"{value / reference:.2f}x" if value and reference else "-"
 
 
-def render(rows: list[Row]) -> str:
+def render(rows: list[Row], flops_per_token: float | None = None, peak_tflops: float | None = None) -> str:
+    """The table; with a peak (a GPU), an MFU column for the bf16/fp16 rows."""
+    mfu = flops_per_token is not None and peak_tflops is not None
     lines = [
         "| part | system | precision | setting | texts/s | model tokens/s | of ceiling | vs fp32 baseline "
-        "| p50 ms | p95 ms | p99 ms | labels |",
-        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| p50 ms | p95 ms | p99 ms | labels |" + (" MFU |" if mfu else ""),
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|" + ("---:|" if mfu else ""),
     ]
     for row in rows:
         ceiling_speed = 1 / row.ceiling_seconds_per_token if row.ceiling_seconds_per_token else None
@@ -206,6 +232,10 @@ def render(rows: list[Row]) -> str:
             f"| {row.tokens_per_s:.0f} | {of_ceiling} | {ratio(row.tokens_per_s, baseline_speed)} "
             f"| {_ms(row.p50_ms)} | {_ms(row.p95_ms)} | {_ms(row.p99_ms)} | {row.labels} |"
         )
+        if flops_per_token is not None and peak_tflops is not None:
+            tensor_core = row.dtype in ("bf16", "fp16")
+            value = row.tokens_per_s * flops_per_token / (peak_tflops * 1e12)
+            lines[-1] += f" {value:.1%} |" if tensor_core else " - |"
     return "\n".join(lines)
 
 
@@ -239,17 +269,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not corpus.exists():
         write_corpus(corpus, rows=options.rows, files=options.files, seed=0)
     texts = pq.read_table(corpus).sort_by("id").column("text").to_pylist()
-    dtypes = [d for d in options.dtypes.split(",") if d]
+    import ray
+    import torch
+
+    device = options.device if options.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda, but torch sees no CUDA GPU")
+    dtypes = [d for d in (options.dtypes or DEFAULT_DTYPES[device]).split(",") if d]
     if "fp32" not in dtypes:
         dtypes.insert(0, "fp32")
-    if "bf16" in dtypes and not cpu_supports_bf16():
+    if device == "cpu" and "bf16" in dtypes and not cpu_supports_bf16():
         print("this CPU has no bf16 instructions (avx512_bf16/amx_bf16): skipping bf16", file=sys.stderr)
         dtypes.remove("bf16")
     levels = [int(level) for level in options.concurrency.split(",") if level]
-    budgets_tried = [int(b) for b in options.budgets.split(",") if b]
-
-    import ray
-    import torch
+    budgets_tried = [int(b) for b in options.budgets.split(",") if b] or list(CANDIDATE_BUDGETS[device])
+    replicas = options.replicas or (4 if device == "cuda" else 1)
 
     torch.set_num_threads(options.threads)
 
@@ -259,9 +293,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     budgets: dict[str, int] = {}
     probabilities: dict[str, np.ndarray] = {}
     model_tokens_total = 0
+    flops_per_token = 0.0
     for dtype in dtypes:
-        seconds, best, probs, lengths, speeds = ceiling(checkpoint, texts, dtype, budgets_tried)
+        seconds, best, probs, lengths, speeds, flops = ceiling(checkpoint, texts, dtype, budgets_tried, device)
         model_tokens_total = sum(lengths)
+        flops_per_token = flops / model_tokens_total
         ceiling_spt[dtype] = seconds / model_tokens_total
         budgets[dtype] = best
         probabilities[dtype] = probs
@@ -276,9 +312,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     # 2. Offline.
     runtime_env = {"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}}
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, runtime_env=runtime_env)
+    ray.init(
+        num_cpus=os.cpu_count(),
+        num_gpus=_gpus(device),
+        include_dashboard=False,
+        log_to_driver=False,
+        runtime_env=runtime_env,
+    )
     try:
-        baseline_seconds, baseline_labels = run_baseline(checkpoint, corpus)
+        baseline_seconds, baseline_labels = run_baseline(checkpoint, corpus, device)
         baseline_spt = baseline_seconds / model_tokens_total
         rows.append(
             Row(
@@ -293,14 +335,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         fits = [n <= 512 for n in _review_tokens(corpus)]
         for dtype in dtypes:
-            result, table = run_job(checkpoint, corpus, out / f"scored-{dtype}", dtype, options.threads)
+            result, table = run_job(
+                checkpoint,
+                corpus,
+                out / f"scored-{dtype}",
+                dtype,
+                options.threads,
+                num_gpus=1 if device == "cuda" else 0,
+            )
             same, compared = agreement(table.column("label").to_pylist(), baseline_labels, fits)
             rows.append(
                 Row(
                     "offline",
                     "ours: sentiment batch",
                     dtype,
-                    f"1 actor, budget auto ({auto_max_batch_tokens('cpu', dtype)})",
+                    f"1 actor, budget auto ({auto_max_batch_tokens(device, dtype)})",
                     result.seconds,
                     len(texts),
                     model_tokens_total,
@@ -311,7 +360,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         # 3. Online.
         if levels:
-            rows += online(checkpoint, texts, model_tokens, dtypes, levels, options.duration)
+            rows += online(checkpoint, texts, model_tokens, dtypes, levels, options.duration, device, replicas)
     finally:
         ray.shutdown()
 
@@ -339,14 +388,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         same_labels = float((probabilities[dtype].argmax(1) == probabilities["fp32"].argmax(1)).mean())
         precision_lines.append(f"| {dtype} | {difference:.4f} | {same_labels:.1%} |")
 
-    table = render(rows)
+    peak = options.peak_tflops or _peak_tflops(device)
+    table = render(rows, flops_per_token if peak else None, peak)
     precision = "\n".join(precision_lines)
     load_after = os.getloadavg()
     command = "python -m benchmarks.run " + shlex.join(sys.argv[1:] if argv is None else list(argv))
     header = (
         f"## One table: ceiling, offline, online (`benchmarks.run`)\n\n"
         f"**Date** {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC. **Machine** {cpu_name()}, "
-        f"{os.cpu_count()} cores, no GPU; torch {torch.__version__}, ray {ray.__version__}. "
+        f"{os.cpu_count()} cores, {_gpu_name(device)}; torch {torch.__version__}, ray {ray.__version__}. "
         f"**Load average** (1/5/15 min) {_load(load_before)} at the start, {_load(load_after)} at the end. "
         f"**Run time** {time.perf_counter() - started:.0f} s.\n\n"
         f"```bash\n{command}\n```\n\n"
@@ -362,6 +412,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     if options.results:
         write_section(Path(options.results), section)
     return 0
+
+
+def _gpus(device: str) -> int:
+    import torch
+
+    return torch.cuda.device_count() if device == "cuda" else 0
+
+
+def _gpu_name(device: str) -> str:
+    import torch
+
+    return torch.cuda.get_device_name(0) if device == "cuda" else "no GPU"
+
+
+def _peak_tflops(device: str) -> float | None:
+    if device != "cuda":
+        return None
+    name = _gpu_name(device)
+    return next((peak for key, peak in PEAK_TFLOPS.items() if key in name), None)
 
 
 def _load(values: tuple[float, float, float]) -> str:
@@ -383,10 +452,25 @@ def argparse_parser() -> Any:
     parser.add_argument("--rows", type=int, default=300, help="synthetic reviews (default %(default)s)")
     parser.add_argument("--files", type=int, default=2, help="Parquet files in the corpus (default %(default)s)")
     parser.add_argument("--size", default="base", choices=["tiny", "base", "large"], help="checkpoint shape")
-    parser.add_argument("--dtypes", default="fp32,bf16", help="precisions; bf16 is skipped on a CPU without it")
+    parser.add_argument(
+        "--dtypes",
+        default=None,
+        help="precisions (default: fp32,bf16 on a CPU, fp32,bf16,fp16 on a GPU); bf16 is skipped on a CPU without it",
+    )
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where the model runs")
+    parser.add_argument(
+        "--replicas", type=int, default=None, help="replicas of our app (default: 1 on a CPU, 4 sharing a GPU)"
+    )
+    parser.add_argument(
+        "--peak-tflops", type=float, default=None, help="the GPU's dense bf16 peak, for MFU (default: known GPUs)"
+    )
     parser.add_argument("--duration", type=float, default=15, help="seconds of load per concurrency level")
     parser.add_argument("--concurrency", default="1,4,16", help="closed-loop client counts; empty: skip online")
-    parser.add_argument("--budgets", default=",".join(map(str, CANDIDATE_BUDGETS)), help="forward token budgets to try")
+    parser.add_argument(
+        "--budgets",
+        default="",
+        help="forward token budgets to try (default: 512 to 8192 on a CPU, 4096 to 65536 on a GPU)",
+    )
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads (default: all cores)")
     parser.add_argument("--out", default="benchmarks/out/run", help="working directory (default %(default)s)")
     parser.add_argument(
