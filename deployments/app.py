@@ -131,6 +131,7 @@ class SentimentServer:
 
     async def _run_batch(self, batch: list[_Work]) -> list[list[Prediction]]:
         encoded = [text for work in batch for text in work.encoded]
+        self.metrics.record_queue(self._batcher.queued)
         started = time.perf_counter()
         try:
             predictions = await self.classifier.apredict_encoded(encoded)

@@ -21,7 +21,7 @@ class EndpointMetrics:
     """The counters and histograms one replica records; created in the replica, never at import."""
 
     def __init__(self) -> None:
-        from ray.serve.metrics import Counter, Histogram
+        from ray.serve.metrics import Counter, Gauge, Histogram
 
         self.requests = Counter(
             "sentiment_requests",
@@ -45,6 +45,10 @@ class EndpointMetrics:
             description="Tokens per batch gathered from concurrent requests.",
             boundaries=_BATCH_TOKENS_BUCKETS,
         )
+        self.queued = Gauge(
+            "sentiment_queued_requests",
+            description="Requests waiting in the replica's batch queue when its latest batch started.",
+        )
         self.model_seconds = Histogram(
             "sentiment_model_seconds",
             description="Seconds the model spent on one gathered batch (all its forward passes).",
@@ -60,6 +64,9 @@ class EndpointMetrics:
         truncated = sum(text.truncated for text in encoded)
         if truncated:
             self.truncated.inc(truncated)
+
+    def record_queue(self, requests: int) -> None:
+        self.queued.set(requests)
 
     def record_batch(self, texts: int, tokens: int, seconds: float) -> None:
         self.batch_texts.observe(texts)

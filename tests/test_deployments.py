@@ -293,6 +293,8 @@ def test_metrics_count_texts_and_batches_gather_several_requests(ray_session: An
     assert 1 <= batches < 24
     assert metrics["ray_sentiment_model_seconds_count"] == batches
     assert metrics["ray_sentiment_batch_tokens_count"] == batches
+    # The long text was the last request: nothing queued behind it when its batch started.
+    assert metrics["ray_sentiment_queued_requests"] == 0
 
 
 # -- errors ------------------------------------------------------------------------------------
