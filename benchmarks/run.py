@@ -51,8 +51,8 @@ SECTION_END = "<!-- benchmarks.run: end -->"
 # the budgets 'auto' picks there, and bigger batches; on a GPU, 'auto' (16384) and around it.
 CANDIDATE_BUDGETS = {"cpu": (512, 1024, 2048, 4096, 8192), "cuda": (4096, 16384, 65536)}
 SAMPLE_WINDOWS = 48
-# Dense bf16/fp16 tensor-core peaks (TFLOP/s) by GPU name, for MFU; --peak-tflops overrides.
 DEFAULT_DTYPES = {"cpu": "fp32,bf16", "cuda": "fp32,bf16,fp16"}
+# Dense bf16/fp16 tensor-core peaks (TFLOP/s) by GPU name, for MFU; --peak-tflops overrides.
 PEAK_TFLOPS = {"H200": 989.4, "H100": 989.4, "A100": 312.0}
 
 
