@@ -84,11 +84,22 @@ class Row:
         return self.tokens / self.seconds
 
 
-def ceiling(
-    checkpoint: Path, texts: list[str], dtype: str, budgets: Sequence[int], device: str = "cpu"
-) -> tuple[float, int, np.ndarray, list[int], dict[int, float], float]:
-    """Seconds over all windows at the best budget, that budget, the probabilities, the window lengths,
-    each budget's tokens/s on the sample, and the forward FLOPs over all windows."""
+@dataclass
+class Ceiling:
+    """The model alone over every window of the corpus, at the best budget found on a sample."""
+
+    seconds: float
+    budget: int
+    probabilities: np.ndarray
+    lengths: list[int]
+    """Tokens of each window."""
+    sample_speeds: dict[int, float]
+    """Model tokens/s of each budget tried on the sample."""
+    flops: float
+    """Forward FLOPs over all windows."""
+
+
+def ceiling(checkpoint: Path, texts: list[str], dtype: str, budgets: Sequence[int], device: str = "cpu") -> Ceiling:
     from sentiment.config import ModelConfig
     from sentiment.model import SentimentClassifier
 
@@ -110,7 +121,7 @@ def ceiling(
     started = time.perf_counter()
     probabilities = classifier.forward(windows)
     seconds = time.perf_counter() - started
-    return seconds, best, probabilities, lengths, speeds, forward_flops(classifier.model, lengths)
+    return Ceiling(seconds, best, probabilities, lengths, speeds, forward_flops(classifier.model, lengths))
 
 
 def forward_flops(model: Any, lengths: Sequence[int]) -> float:
@@ -217,25 +228,27 @@ def ratio(value: float | None, reference: float | None) -> str:
 
 def render(rows: list[Row], flops_per_token: float | None = None, peak_tflops: float | None = None) -> str:
     """The table; with a peak (a GPU), an MFU column for the bf16/fp16 rows."""
-    mfu = flops_per_token is not None and peak_tflops is not None
+    # Fraction of the peak per model token/s; None (no MFU column) without a peak.
+    mfu_per_token = (
+        flops_per_token / (peak_tflops * 1e12) if flops_per_token is not None and peak_tflops is not None else None
+    )
+    mfu = mfu_per_token is not None
     lines = [
         "| part | system | precision | setting | texts/s | model tokens/s | of ceiling | vs fp32 baseline "
         "| p50 ms | p95 ms | p99 ms | labels |" + (" MFU |" if mfu else ""),
         "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|" + ("---:|" if mfu else ""),
     ]
     for row in rows:
-        ceiling_speed = 1 / row.ceiling_seconds_per_token if row.ceiling_seconds_per_token else None
         baseline_speed = 1 / row.baseline_seconds_per_token if row.baseline_seconds_per_token else None
-        of_ceiling = f"{row.tokens_per_s * row.ceiling_seconds_per_token:.0%}" if ceiling_speed else "-"
+        of_ceiling = f"{row.tokens_per_s * row.ceiling_seconds_per_token:.0%}" if row.ceiling_seconds_per_token else "-"
         lines.append(
             f"| {row.part} | {row.system} | {row.dtype} | {row.setting} | {row.texts_per_s:.2f} "
             f"| {row.tokens_per_s:.0f} | {of_ceiling} | {ratio(row.tokens_per_s, baseline_speed)} "
             f"| {_ms(row.p50_ms)} | {_ms(row.p95_ms)} | {_ms(row.p99_ms)} | {row.labels} |"
         )
-        if flops_per_token is not None and peak_tflops is not None:
+        if mfu_per_token is not None:
             tensor_core = row.dtype in ("bf16", "fp16")
-            value = row.tokens_per_s * flops_per_token / (peak_tflops * 1e12)
-            lines[-1] += f" {value:.1%} |" if tensor_core else " - |"
+            lines[-1] += f" {row.tokens_per_s * mfu_per_token:.1%} |" if tensor_core else " - |"
     return "\n".join(lines)
 
 
@@ -290,23 +303,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     # 1. Ceiling, and the precision comparison on the same windows.
     rows: list[Row] = []
     ceiling_spt: dict[str, float] = {}
-    budgets: dict[str, int] = {}
     probabilities: dict[str, np.ndarray] = {}
     model_tokens_total = 0
     flops_per_token = 0.0
     for dtype in dtypes:
-        seconds, best, probs, lengths, speeds, flops = ceiling(checkpoint, texts, dtype, budgets_tried, device)
-        model_tokens_total = sum(lengths)
-        flops_per_token = flops / model_tokens_total
-        ceiling_spt[dtype] = seconds / model_tokens_total
-        budgets[dtype] = best
-        probabilities[dtype] = probs
-        sampled = ", ".join(f"{b}: {s:.0f}" for b, s in speeds.items())
+        best = ceiling(checkpoint, texts, dtype, budgets_tried, device)
+        model_tokens_total = sum(best.lengths)
+        flops_per_token = best.flops / model_tokens_total
+        ceiling_spt[dtype] = best.seconds / model_tokens_total
+        probabilities[dtype] = best.probabilities
+        sampled = ", ".join(f"{b}: {s:.0f}" for b, s in best.sample_speeds.items())
         rows.append(
-            Row("ceiling", "model forward only", dtype, f"budget {best}", seconds, len(texts), model_tokens_total)
+            Row(
+                "ceiling",
+                "model forward only",
+                dtype,
+                f"budget {best.budget}",
+                best.seconds,
+                len(texts),
+                model_tokens_total,
+            )
         )
         rows[-1].extra["sampled_tokens_per_s_by_budget"] = sampled
-        print(f"ceiling {dtype}: {model_tokens_total / seconds:.0f} tokens/s at budget {best} ({sampled})", flush=True)
+        print(
+            f"ceiling {dtype}: {model_tokens_total / best.seconds:.0f} tokens/s at budget {best.budget} ({sampled})",
+            flush=True,
+        )
     # With head_tail, every review is one window, so windows line up with texts.
     model_tokens = [min(n, 512) for n in _review_tokens(corpus)]
 
