@@ -18,7 +18,8 @@ from deployments.args import AUTO_GPU_FRACTION, ServeArgs, parse_serve_args
 from deployments.batcher import Batcher
 from deployments.errors import ApiError, ErrorType
 from deployments.metrics import EndpointMetrics
-from sentiment.config import LongTextStrategy, ModelConfig
+from sentiment.config import LongTextStrategy
+from sentiment.errors import DeviceMemoryError
 from sentiment.model import EncodedText, Prediction, SentimentClassifier
 
 if TYPE_CHECKING:
@@ -37,6 +38,8 @@ class _Work:
 
     encoded: list[EncodedText]
     num_tokens: int
+    field: str
+    """The request field that held the texts, for error messages."""
 
 
 class SentimentServer:
@@ -47,16 +50,28 @@ class SentimentServer:
     classifier's model thread, so the event loop keeps accepting requests meanwhile.
     """
 
-    def __init__(self, args: ServeArgs) -> None:
+    def __init__(
+        self,
+        args: ServeArgs,
+        *,
+        classifier: SentimentClassifier | None = None,
+        metrics: EndpointMetrics | None = None,
+    ) -> None:
+        """Serve passes only ``args``; tests may hand in a ready classifier and metrics instead."""
         self.args = args
         self.num_gpus = float(args.ray_actor_options.num_gpus) if args.ray_actor_options.num_gpus != "auto" else 0.0
-        self.classifier = SentimentClassifier(replica_model_config(args.model, self.num_gpus))
+        if classifier is None:
+            import ray
+
+            classifier = SentimentClassifier(args.model.for_gpu_share(self.num_gpus), reserved_gpus=ray.get_gpu_ids())
+        self.classifier = classifier
         self.classifier.warmup()
         self.api_key = args.resolve_api_key()
         self.batch_max_texts = args.effective_batch_max_texts
         self.batch_max_tokens = args.effective_batch_max_tokens
         self._failures = 0
-        self.metrics = EndpointMetrics()
+        self._oom_splits_seen = self.classifier.oom_splits
+        self.metrics = metrics or EndpointMetrics()
         # A batch's size is one number, so `_batch_size` folds the text and token limits into text
         # units: a batch is full when either limit is reached.
         self._batcher: Batcher[_Work, list[Prediction]] = Batcher(
@@ -65,11 +80,15 @@ class SentimentServer:
             max_size=self.batch_max_texts,
             max_wait_s=args.batch_wait_timeout_s,
         )
+        info = self.classifier.describe()
         logger.info(
-            "Replica ready: %s on %s (%s), warmed up at %d tokens; batches of up to %d texts / %d tokens%s.",
+            "Replica ready: %s on %s (%s; Ray reserved GPU ids %s; memory cap %s), warmed up at %d tokens; "
+            "batches of up to %d texts / %d tokens%s.",
             args.model.model_id,
             self.classifier.device,
-            self.classifier.describe()["dtype"],
+            info["dtype"],
+            info["reserved_gpus"],
+            "none" if info["gpu_memory_cap_bytes"] is None else f"{info['gpu_memory_cap_bytes'] / 2**30:.1f} GiB",
             self.classifier.max_length,
             self.batch_max_texts,
             self.batch_max_tokens,
@@ -119,7 +138,7 @@ class SentimentServer:
                     )
         self.metrics.record_texts(encoded)
         tokens = sum(len(window) for text in encoded for window in text.windows)
-        return await self._batcher.submit(_Work(encoded, tokens))
+        return await self._batcher.submit(_Work(encoded, tokens, field))
 
     def _batch_size(self, batch: list[_Work]) -> int:
         return batch_size(
@@ -129,23 +148,38 @@ class SentimentServer:
             self.batch_max_tokens,
         )
 
-    async def _run_batch(self, batch: list[_Work]) -> list[list[Prediction]]:
+    async def _run_batch(self, batch: list[_Work]) -> list[list[Prediction] | ApiError]:
         encoded = [text for work in batch for text in work.encoded]
         self.metrics.record_queue(self._batcher.queued)
         started = time.perf_counter()
+        failed: set[int] = set()
+        memory_error: DeviceMemoryError | None = None
         try:
-            predictions = await self.classifier.apredict_encoded(encoded)
+            predictions: list[Prediction | None] = list(await self.classifier.apredict_encoded(encoded))
+        except DeviceMemoryError as exc:
+            # The classifier already split and retried: only texts that do not fit alone failed,
+            # and only their requests fail. The model works, so this is no strike against health.
+            predictions, failed, memory_error = exc.partial, set(exc.failed), exc
         except Exception as exc:
             self._failures += 1
             logger.exception("Batch of %d texts failed in the model", len(encoded))
             raise ApiError(ErrorType.BACKEND, f"the model failed: {type(exc).__name__}: {exc}") from exc
+        finally:
+            splits = self.classifier.oom_splits - self._oom_splits_seen
+            self._oom_splits_seen += splits
+            self.metrics.record_oom_splits(splits)
         self._failures = 0
         self.metrics.record_batch(len(encoded), sum(work.num_tokens for work in batch), time.perf_counter() - started)
-        results = []
+        results: list[list[Prediction] | ApiError] = []
         start = 0
         for work in batch:
-            results.append(predictions[start : start + len(work.encoded)])
+            span = range(start, start + len(work.encoded))
             start += len(work.encoded)
+            if memory_error is not None and failed.intersection(span):
+                first = min(failed.intersection(span)) - span.start
+                results.append(ApiError(ErrorType.TOO_LARGE, f"{work.field}[{first}]: {memory_error}"))
+            else:
+                results.append([p for p in predictions[span.start : span.stop] if p is not None])
         return results
 
 
@@ -157,30 +191,6 @@ def batch_size(texts: int, tokens: int, max_texts: int, max_tokens: int) -> int:
     limit and the token limit together.
     """
     return max(texts, math.ceil(tokens * max_texts / max_tokens))
-
-
-def replica_model_config(model: ModelConfig, num_gpus: float) -> ModelConfig:
-    """The model config a replica runs with, given the GPUs Ray reserved for it.
-
-    A replica on a node that declares GPUs to Ray but where torch sees none (no driver, a CPU
-    build of torch) runs on the CPU and says so. A replica with a fraction of a GPU caps its
-    CUDA memory to that fraction, since Ray does not isolate fractional GPUs.
-    """
-    import ray
-    import torch
-
-    gpu_ids = ray.get_gpu_ids() if ray.is_initialized() else []
-    if (num_gpus > 0 or gpu_ids) and not torch.cuda.is_available():
-        logger.warning(
-            "This replica reserved %s GPU (ids %s) but torch sees no CUDA device (torch %s); running on the CPU.",
-            num_gpus,
-            gpu_ids,
-            torch.__version__,
-        )
-        return model.model_copy(update={"device": "cpu"}) if model.device != "cpu" else model
-    if 0 < num_gpus < 1 and model.device != "cpu" and model.gpu_memory_fraction is None:
-        return model.model_copy(update={"gpu_memory_fraction": num_gpus})
-    return model
 
 
 def deployment_options(args: ServeArgs, cluster_gpus: float) -> dict[str, Any]:
@@ -213,7 +223,15 @@ def build_app(args: ServeArgs | Mapping[str, Any]) -> Application:
     args = parse_serve_args(args)
     if not ray.is_initialized():
         ray.init()
-    options = deployment_options(args, ray.cluster_resources().get("GPU", 0.0))
+    cluster_gpus = ray.cluster_resources().get("GPU", 0.0)
+    options = deployment_options(args, cluster_gpus)
+    if args.ray_actor_options.num_gpus == "auto":
+        logger.info(
+            "num_gpus auto: %s GPU per replica (the cluster has %s GPUs now). On an autoscaling cluster whose GPU "
+            "nodes start at zero, 'auto' sees none: deploy deployments/serve-cluster.yaml (an explicit 0.25).",
+            options["ray_actor_options"]["num_gpus"],
+            cluster_gpus,
+        )
     # The replica learns its resolved GPU share through its args, to set its memory cap.
     resolved = args.model_copy(
         update={"ray_actor_options": args.ray_actor_options.model_copy(update=options["ray_actor_options"])}

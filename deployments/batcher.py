@@ -32,12 +32,13 @@ class Batcher(Generic[ItemT, ResultT]):
     ``size`` measures a list of items in the same unit as ``max_size`` (texts, or tokens folded into
     texts): a batch takes items from the front of the queue while it stays within ``max_size``.
     An item bigger than ``max_size`` on its own runs alone. ``run_batch`` returns one result per
-    item; if it raises, every item of that batch gets the exception.
+    item; a result that is an exception is raised to that item's caller alone, and if ``run_batch``
+    raises, every item of that batch gets the exception.
     """
 
     def __init__(
         self,
-        run_batch: Callable[[list[ItemT]], Awaitable[Sequence[ResultT]]],
+        run_batch: Callable[[list[ItemT]], Awaitable[Sequence[ResultT | BaseException]]],
         *,
         size: Callable[[list[ItemT]], int] = len,
         max_size: int,
@@ -99,7 +100,11 @@ class Batcher(Generic[ItemT, ResultT]):
                         future.set_exception(exc)
                 continue
             for (_, future), result in zip(batch, results, strict=True):
-                if not future.done():
+                if future.done():
+                    continue
+                if isinstance(result, BaseException):
+                    future.set_exception(result)
+                else:
                     future.set_result(result)
 
     async def _gather(self) -> None:

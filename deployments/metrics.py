@@ -49,6 +49,13 @@ class EndpointMetrics:
             "sentiment_queued_requests",
             description="Requests waiting in the replica's batch queue when its latest batch started.",
         )
+        self.oom_splits = Counter(
+            "sentiment_oom_splits",
+            description=(
+                "Forward passes that ran out of GPU memory and were split in two and retried; a steady rise "
+                "means the forward token budget (model.max_batch_tokens) is too big for the memory cap."
+            ),
+        )
         self.model_seconds = Histogram(
             "sentiment_model_seconds",
             description="Seconds the model spent on one gathered batch (all its forward passes).",
@@ -67,6 +74,10 @@ class EndpointMetrics:
 
     def record_queue(self, requests: int) -> None:
         self.queued.set(requests)
+
+    def record_oom_splits(self, splits: int) -> None:
+        if splits:
+            self.oom_splits.inc(splits)
 
     def record_batch(self, texts: int, tokens: int, seconds: float) -> None:
         self.batch_texts.observe(texts)

@@ -7,7 +7,7 @@ object; `pipelines.batch.run` executes it. Nothing here imports ray.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -42,12 +42,13 @@ class PipelineArgs(BaseModel):
     )
     min_actors: int = Field(1, ge=1, description="Fewest model actors in the pool.")
     max_actors: int = Field(1, ge=1, description="Most model actors in the pool; Ray Data scales between the two.")
-    num_gpus: float = Field(
-        0,
-        ge=0,
+    num_gpus: Annotated[float, Field(ge=0)] | Literal["auto"] = Field(
+        "auto",
         description=(
             "GPUs per actor; a fraction packs several actors on one card. Unless model.gpu_memory_fraction "
-            "is set, a fractional actor caps its CUDA memory to this fraction."
+            "is set, a fractional actor caps its CUDA memory to this fraction. 'auto': 1 when the cluster "
+            "has GPUs when the job starts, else 0 (CPU actors). On an autoscaling cluster whose GPU nodes "
+            "start at zero, give a number: 'auto' sees no GPU there."
         ),
     )
     num_cpus: float = Field(1, gt=0, description="Logical CPUs each actor reserves from Ray.")
@@ -120,14 +121,11 @@ class PipelineArgs(BaseModel):
     def text_column(self) -> str:
         return self.model.text_column
 
-    def actor_model_config(self) -> ModelConfig:
-        """The `ModelConfig` actors load: a fractional-GPU actor caps its CUDA memory to its share.
-
-        Ray does not isolate fractional GPUs, so without a cap one actor could take the whole card.
-        """
-        if 0 < self.num_gpus < 1 and self.model.gpu_memory_fraction is None:
-            return self.model.model_copy(update={"gpu_memory_fraction": self.num_gpus})
-        return self.model
+    def actor_gpus(self, cluster_gpus: float) -> float:
+        """GPUs each actor reserves: `num_gpus`, with 'auto' resolved against the cluster's GPUs."""
+        if self.num_gpus == "auto":
+            return 1.0 if cluster_gpus > 0 else 0.0
+        return float(self.num_gpus)
 
 
 def parse_pipeline_args(data: PipelineArgs | Mapping[str, Any], source: str = "batch") -> PipelineArgs:

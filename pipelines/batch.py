@@ -153,16 +153,24 @@ def format_summary(report: Mapping[str, Any]) -> str:
     return line + f"; {report['output_rows']} rows in {report['output']}"
 
 
-def run_report(result: BatchResult, args: PipelineArgs, started_at: str, finished_at: str) -> dict[str, Any]:
+def run_report(
+    result: BatchResult,
+    args: PipelineArgs,
+    started_at: str,
+    finished_at: str,
+    resolved: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
     """What a run did and with what: `BatchResult.counts`, the model, the config, Ray's version, timestamps.
 
     Rates count this run's rows (fewer than the output's when it resumed) over the wall time of its
     Ray Data execution, actor start and model load included. ``model.device`` and ``model.dtype``
-    are as configured: 'auto' resolves in each actor (CUDA and bf16 where it has a GPU that supports it).
+    are as configured; ``resolved`` says what they became: ``num_gpus_per_actor`` and ``actors``, one
+    entry per model actor with the device, dtype, memory cap and torch threads it runs with.
     """
     import ray
 
     model = args.model
+    resolved = resolved or {}
     return {
         "format": 1,
         **result.counts(),
@@ -172,8 +180,9 @@ def run_report(result: BatchResult, args: PipelineArgs, started_at: str, finishe
             "labels": list(result.labels),
             "dtype": model.dtype,
             "device": model.device,
-            "num_gpus_per_actor": args.num_gpus,
+            "num_gpus_per_actor": resolved.get("num_gpus_per_actor"),
         },
+        "actors": list(resolved.get("actors", [])),
         # PipelineArgs holds no secrets; mode="json" makes every value JSON-ready.
         "config": args.model_dump(mode="json"),
         "ray_version": ray.__version__,
@@ -337,12 +346,16 @@ def checkpoint_labels(config: ModelConfig) -> list[str]:
 # -- the Ray Data pipeline -------------------------------------------------------------------------
 
 
-def map_batches_options(args: PipelineArgs) -> dict[str, Any]:
-    """The ``map_batches`` arguments of the model stage: the class's constructor kwargs and its actor pool."""
+def map_batches_options(args: PipelineArgs, num_gpus: float, actor_log: Any = None) -> dict[str, Any]:
+    """The ``map_batches`` arguments of the model stage: `ModelStage`'s constructor kwargs and its actor pool.
+
+    ``num_gpus`` is each actor's GPU share, resolved (`PipelineArgs.actor_gpus`); ``actor_log`` an
+    `ActorLog` actor handle that each actor reports what it resolved to.
+    """
     from ray.data import ActorPoolStrategy
 
     options: dict[str, Any] = {
-        "fn_constructor_kwargs": {"config": args.actor_model_config()},
+        "fn_constructor_kwargs": {"config": args.model.for_gpu_share(num_gpus), "actor_log": actor_log},
         "compute": ActorPoolStrategy(min_size=args.min_actors, max_size=args.max_actors),
         "batch_size": args.batch_size,
         "batch_format": "pyarrow",
@@ -350,23 +363,23 @@ def map_batches_options(args: PipelineArgs) -> dict[str, Any]:
         # One output row per input row: lets Ray Data push limits through the stage.
         "udf_modifying_row_count": False,
     }
-    if args.num_gpus > 0:
-        options["num_gpus"] = args.num_gpus
+    if num_gpus > 0:
+        options["num_gpus"] = num_gpus
     if args.cpu_threads is not None:
         # torch takes its thread count from OMP_NUM_THREADS at import; Ray would set it to num_cpus.
         options["runtime_env"] = {"env_vars": {"OMP_NUM_THREADS": str(args.cpu_threads)}}
     return options
 
 
-def build_pipeline(ds: Dataset, args: PipelineArgs) -> Dataset:
+def build_pipeline(ds: Dataset, args: PipelineArgs, num_gpus: float = 0.0, actor_log: Any = None) -> Dataset:
     """The model stage: ``ds`` (holding ``args.model.text_column``) plus the prediction columns.
 
-    The shared `SentimentClassifier` runs as a callable class on an actor pool; each actor loads
-    the model once in its constructor.
+    The shared `SentimentClassifier` runs inside `ModelStage` on an actor pool; each actor loads the
+    model once in its constructor, on the device Ray reserved for it.
     """
-    from sentiment.model import SentimentClassifier
+    from pipelines.stage import ModelStage
 
-    return ds.map_batches(SentimentClassifier, **map_batches_options(args))
+    return ds.map_batches(ModelStage, **map_batches_options(args, num_gpus, actor_log))
 
 
 def _tag_rows(
@@ -419,7 +432,9 @@ def _restore_texts(batch: pa.Table, text_column: str) -> pa.Table:
     return batch.drop_columns([_TEXT_ERROR, _TEXT_RAW])
 
 
-def _scored_dataset(args: PipelineArgs, plan: InputPlan, pending: Sequence[ParquetInput]) -> Dataset:
+def _scored_dataset(
+    args: PipelineArgs, plan: InputPlan, pending: Sequence[ParquetInput], num_gpus: float, actor_log: Any
+) -> Dataset:
     """read -> tag -> model -> select, over the pending input files."""
     import ray
 
@@ -461,7 +476,7 @@ def _scored_dataset(args: PipelineArgs, plan: InputPlan, pending: Sequence[Parqu
         parts.append(part)
     ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
 
-    ds = build_pipeline(ds, args)
+    ds = build_pipeline(ds, args, num_gpus, actor_log)
     if mark_texts:
         ds = ds.map_batches(
             partial(_restore_texts, text_column=output_name(text, plan.labels)),
@@ -663,19 +678,29 @@ def run(args: PipelineArgs) -> BatchResult:
     pending = [item for item in pending if item.rows > 0]
 
     seconds = 0.0
+    resolved: dict[str, Any] = {}
     if pending:
         import ray
 
+        from pipelines.stage import ActorLog
+
         if not ray.is_initialized():
             ray.init()
+        num_gpus = args.actor_gpus(ray.cluster_resources().get("GPU", 0.0))
+        actor_log: Any = ray.remote(num_cpus=0)(ActorLog).remote()
+        logger.info("model actors: %s GPU each (num_gpus %s)", num_gpus, args.num_gpus)
         started = time.perf_counter()
-        _scored_dataset(args, plan, pending).write_parquet(
-            staging.path,
-            filesystem=staging.filesystem,
-            partition_cols=[SOURCE_COLUMN],
-            min_bytes_per_file=args.output_file_bytes,
-        )
-        seconds = time.perf_counter() - started
+        try:
+            _scored_dataset(args, plan, pending, num_gpus, actor_log).write_parquet(
+                staging.path,
+                filesystem=staging.filesystem,
+                partition_cols=[SOURCE_COLUMN],
+                min_bytes_per_file=args.output_file_bytes,
+            )
+            seconds = time.perf_counter() - started
+            resolved = {"num_gpus_per_actor": num_gpus, "actors": ray.get(actor_log.entries.remote())}
+        finally:
+            ray.kill(actor_log)
     staged = _staged_outputs(staging)
     tokens, truncated, errors = _run_stats([entry for item in pending for entry in staged.get(item.index, [])])
     result = BatchResult(
@@ -690,6 +715,6 @@ def run(args: PipelineArgs) -> BatchResult:
         skipped_files=len(plan.inputs) - len(pending) if resuming else 0,
         labels=plan.labels,
     )
-    report = run_report(result, args, started_at, _now())
+    report = run_report(result, args, started_at, _now(), resolved)
     _commit(staging, output, plan, report)
     return replace(result, report=report)

@@ -76,12 +76,25 @@ def _add_pool_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("batch job")
     group.add_argument("--text-column", help="column that holds the reviews (default: text)")
     group.add_argument("--actors", metavar="MIN-MAX", help="model actors: a fixed N or an autoscaling MIN-MAX")
-    group.add_argument("--num-gpus", type=float, help="GPUs per actor, e.g. 0.25 (default: 0)")
+    group.add_argument(
+        "--num-gpus",
+        type=_gpus_or_auto,
+        help="GPUs per actor, e.g. 0.25, or 'auto': 1 when the cluster has GPUs, else 0 (default: auto)",
+    )
     group.add_argument("--num-cpus", type=float, help="logical CPUs per actor (default: 1)")
     group.add_argument("--cpu-threads", type=int, help="torch threads per CPU actor (default: its num-cpus)")
     group.add_argument("--batch-size", type=int, help="rows per model call (default: 256)")
     group.add_argument("--output-file-bytes", type=int, help="gather about this many bytes per output file")
     add_model_arguments(parser)
+
+
+def _gpus_or_auto(value: str) -> float | str:
+    if value == "auto":
+        return value
+    try:
+        return float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"give a number of GPUs (e.g. 0.25) or 'auto', got {value!r}") from None
 
 
 def pipeline_args_from_args(args: argparse.Namespace, **overrides: Any) -> PipelineArgs:

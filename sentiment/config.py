@@ -13,6 +13,8 @@ from typing import Any, Literal, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from sentiment.devices import gpu_memory_fraction
+
 DEFAULT_MODEL_ID = "lvwerra/bert-imdb"
 
 LongTextStrategy = Literal["head", "tail", "head_tail", "chunks"]
@@ -43,10 +45,18 @@ class ModelConfig(BaseModel):
         ),
     )
     device: DeviceName = Field(
-        "auto", description="'auto' (CUDA when this process sees a GPU, else CPU), 'cpu', 'cuda' or 'cuda:N'."
+        "auto",
+        description=(
+            "'auto': the GPU Ray reserved for this process (the CPU when it reserved none, even if CUDA is "
+            "visible); outside Ray, CUDA if visible, else the CPU. Or force 'cpu', 'cuda' or 'cuda:N'."
+        ),
     )
     dtype: DTypeName = Field(
-        "auto", description="'auto' (bf16 on a GPU that supports it, else fp32), or force fp32, bf16 or fp16."
+        "auto",
+        description=(
+            "'auto': bf16 on a GPU of compute capability 8.0 or more, fp16 on older GPUs (bf16 is emulated "
+            "there), fp32 on a CPU. Or force fp32, bf16 or fp16."
+        ),
     )
     max_length: int = Field(
         512,
@@ -95,6 +105,16 @@ class ModelConfig(BaseModel):
     local_files_only: bool = Field(
         False, description="Never contact the hub; load from a local directory or the local cache only."
     )
+
+    def for_gpu_share(self, num_gpus: float) -> ModelConfig:
+        """This config for a process that reserved ``num_gpus`` from Ray: a fraction caps its CUDA memory.
+
+        The one place the GPU-share rule is applied (see `sentiment.devices.gpu_memory_fraction`).
+        """
+        fraction = gpu_memory_fraction(self.gpu_memory_fraction, num_gpus)
+        if fraction == self.gpu_memory_fraction:
+            return self
+        return self.model_copy(update={"gpu_memory_fraction": fraction})
 
     @field_validator("device")
     @classmethod

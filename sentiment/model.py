@@ -23,7 +23,8 @@ import numpy as np
 import pyarrow as pa
 
 from sentiment.config import LongTextStrategy, ModelConfig, auto_max_batch_tokens
-from sentiment.errors import InvalidInputError, ModelLoadError
+from sentiment.devices import resolve_device, resolve_dtype
+from sentiment.errors import DeviceMemoryError, InvalidInputError, ModelLoadError
 from sentiment.labels import resolve_labels
 from sentiment.windows import content_windows
 
@@ -104,16 +105,36 @@ class SentimentClassifier:
     'pos'
     """
 
-    def __init__(self, config: ModelConfig | None = None) -> None:
+    def __init__(self, config: ModelConfig | None = None, *, reserved_gpus: Sequence[int | str] | None = None) -> None:
+        """Load the checkpoint onto the device ``config.device`` resolves to.
+
+        ``reserved_gpus`` is ``ray.get_gpu_ids()`` when this runs in a Ray worker (an empty list: the
+        worker reserved no GPU and runs on the CPU), None outside Ray; see `sentiment.devices`.
+        """
         import torch
 
         self.config = config or ModelConfig()
-        self.device = _resolve_device(self.config.device)
-        self.dtype = _resolve_dtype(self.config.dtype, self.device)
-        if self.device.type == "cuda" and self.config.gpu_memory_fraction is not None:
-            # Ray's fractional GPUs are a scheduling fiction: nothing stops one replica from taking
-            # the whole card, so each caps itself.
-            torch.cuda.set_per_process_memory_fraction(self.config.gpu_memory_fraction, self.device)
+        self.reserved_gpus = None if reserved_gpus is None else list(reserved_gpus)
+        self.device = torch.device(
+            resolve_device(
+                self.config.device,
+                cuda_available=torch.cuda.is_available(),
+                reserved_gpus=self.reserved_gpus,
+                visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"),
+            )
+        )
+        capability = torch.cuda.get_device_capability(self.device) if self.device.type == "cuda" else None
+        self.dtype = _torch_dtype(resolve_dtype(self.config.dtype, str(self.device), capability))
+        self.gpu_memory_cap_bytes: int | None = None
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+            if self.config.gpu_memory_fraction is not None:
+                # The device carries its index: torch refuses a bare "cuda" here.
+                torch.cuda.set_per_process_memory_fraction(self.config.gpu_memory_fraction, self.device)
+                total = torch.cuda.get_device_properties(self.device).total_memory
+                self.gpu_memory_cap_bytes = int(total * self.config.gpu_memory_fraction)
+        self.oom_splits = 0
+        """Forward passes split in two after running out of GPU memory, since this classifier loaded."""
         self.tokenizer, self.model = _load_checkpoint(self.config, self.dtype)
         self.model.to(self.device)
         self.model.eval()
@@ -152,6 +173,9 @@ class SentimentClassifier:
             "head_tokens": self.head_tokens,
             "dtype": _DTYPE_NAMES[str(self.dtype)],
             "device": str(self.device),
+            "reserved_gpus": None if self.reserved_gpus is None else [str(gpu) for gpu in self.reserved_gpus],
+            "gpu_memory_fraction": self.config.gpu_memory_fraction if self.device.type == "cuda" else None,
+            "gpu_memory_cap_bytes": self.gpu_memory_cap_bytes,
             "max_batch_tokens": self.max_batch_tokens,
             "max_batch_size": self.config.max_batch_size,
         }
@@ -195,15 +219,63 @@ class SentimentClassifier:
     def forward(self, sequences: Sequence[Sequence[int]]) -> np.ndarray:
         """Class probabilities (float32, one row per sequence, input order) for model-ready id lists.
 
-        Sequences are grouped by `plan_batches`; each batch is padded to its own longest member.
+        Sequences are grouped by `plan_batches`; each batch is padded to its own longest member. A
+        forward pass that runs out of GPU memory is split in halves and retried, down to single
+        sequences; if some do not fit even alone, `DeviceMemoryError` names them once every other
+        sequence has its row (``partial`` is the array, zeros at the failed rows).
         """
         probabilities = np.zeros((len(sequences), len(self.labels)), dtype=np.float32)
         lengths = [len(sequence) for sequence in sequences]
+        failed: list[int] = []
         for batch in plan_batches(lengths, self.max_batch_tokens, self.config.max_batch_size):
-            probabilities[batch] = self._forward_batch([sequences[i] for i in batch])
+            failed += self._forward_splitting(batch, sequences, probabilities)
+        if failed:
+            message = self._memory_message(max(lengths[i] for i in failed))
+            raise DeviceMemoryError(message, sorted(failed), probabilities)
         return probabilities
 
+    def _forward_splitting(self, batch: list[int], sequences: Sequence[Sequence[int]], out: np.ndarray) -> list[int]:
+        """Run ``batch`` (indices into ``sequences``) into ``out``, halving on CUDA OOM; the indices that never fit."""
+        import torch
+
+        pending = [batch]
+        failed: list[int] = []
+        while pending:
+            part = pending.pop()
+            try:
+                out[part] = self._forward_batch([sequences[i] for i in part])
+                continue
+            except torch.cuda.OutOfMemoryError:
+                # Handled after the except block: until it ends, the traceback keeps the failed
+                # pass's activations alive, and emptying the cache could free nothing.
+                pass
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            if len(part) == 1:
+                failed.append(part[0])
+                continue
+            self.oom_splits += 1
+            half = len(part) // 2
+            # Popped from the end: the first half runs first.
+            pending += [part[half:], part[:half]]
+        if failed:
+            logger.warning("%d inputs did not fit in %s memory even alone", len(failed), self.device)
+        return failed
+
+    def _memory_message(self, tokens: int) -> str:
+        cap = (
+            f", capped at {self.gpu_memory_cap_bytes / 2**30:.1f} GiB (gpu_memory_fraction "
+            f"{self.config.gpu_memory_fraction})"
+            if self.gpu_memory_cap_bytes is not None
+            else ""
+        )
+        return (
+            f"an input of {tokens} tokens does not fit in {self.device} memory{cap} even alone; lower "
+            "max_length, give this process a larger GPU share (num_gpus) or memory cap, or run on a larger card"
+        )
+
     def _forward_batch(self, batch: list[Sequence[int]]) -> np.ndarray:
+        """One forward pass over ``batch``, padded to its longest member: the seam tests inject faults at."""
         import torch
 
         longest = max(len(sequence) for sequence in batch)
@@ -220,15 +292,30 @@ class SentimentClassifier:
             return logits.float().softmax(dim=-1).cpu().numpy()
 
     def predict_encoded(self, encoded: Sequence[EncodedText]) -> list[Prediction]:
-        """Predictions for already-encoded texts; a text with several windows averages their probabilities."""
+        """Predictions for already-encoded texts; a text with several windows averages their probabilities.
+
+        Raises `DeviceMemoryError` naming the texts with a window that did not fit in GPU memory
+        alone; its ``partial`` holds every other text's `Prediction` (None at the failed ones).
+        """
         windows = [window for text in encoded for window in text.windows]
-        probabilities = self.forward(windows)
-        predictions = []
+        owner = [index for index, text in enumerate(encoded) for _ in text.windows]
+        probabilities: np.ndarray
+        try:
+            probabilities = self.forward(windows)
+            failed: set[int] = set()
+        except DeviceMemoryError as exc:
+            probabilities = exc.partial
+            failed = {owner[window] for window in exc.failed}
+            memory_error = exc
+        predictions: list[Prediction | None] = []
         start = 0
-        for text in encoded:
+        for index, text in enumerate(encoded):
             # Averaging window probabilities is how Spark NLP's coalesceSentences combines sentences.
             mean = probabilities[start : start + len(text.windows)].mean(axis=0)
             start += len(text.windows)
+            if index in failed:
+                predictions.append(None)
+                continue
             best = int(mean.argmax())
             predictions.append(
                 Prediction(
@@ -239,7 +326,9 @@ class SentimentClassifier:
                     truncated=text.truncated,
                 )
             )
-        return predictions
+        if failed:
+            raise DeviceMemoryError(str(memory_error), sorted(failed), predictions)
+        return [prediction for prediction in predictions if prediction is not None]
 
     def predict(self, texts: Sequence[str], long_text: LongTextStrategy | None = None) -> list[Prediction]:
         """One `Prediction` per text, in input order. Raises `InvalidInputError` for a non-string."""
@@ -289,7 +378,14 @@ class SentimentClassifier:
         errors: list[str | None] = [_row_error(value) for value in values]
         valid = [i for i, error in enumerate(errors) if error is None]
         predictions: list[Prediction | None] = [None] * len(values)
-        for i, prediction in zip(valid, self.predict([values[i] for i in valid]), strict=True):
+        try:
+            scored: list[Prediction | None] = list(self.predict([values[i] for i in valid]))
+        except DeviceMemoryError as exc:
+            # Only the rows that do not fit alone fail; the rest of the batch keeps its predictions.
+            scored = exc.partial
+            for position in exc.failed:
+                errors[valid[position]] = str(exc)
+        for i, prediction in zip(valid, scored, strict=True):
             predictions[i] = prediction
         outputs = self._prediction_columns(predictions, errors)
 
@@ -348,23 +444,9 @@ def _input_name(name: str, outputs: Mapping[str, Any]) -> str:
 _DTYPE_NAMES = {"torch.float32": "fp32", "torch.bfloat16": "bf16", "torch.float16": "fp16"}
 
 
-def _resolve_device(name: str) -> torch.device:
+def _torch_dtype(name: str) -> torch.dtype:
     import torch
 
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ModelLoadError(f"device is {name!r} but this process sees no CUDA GPU; use device 'auto' or 'cpu'")
-    return torch.device(name)
-
-
-def _resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    import torch
-
-    if name == "auto":
-        if device.type == "cuda" and torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        return torch.float32
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
 
 

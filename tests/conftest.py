@@ -35,7 +35,8 @@ def tiny_checkpoint(checkpoints: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def classifier(tiny_checkpoint: Path) -> SentimentClassifier:
-    return SentimentClassifier(ModelConfig(model_id=str(tiny_checkpoint)))
+    """On the CPU whatever the host has: the tests that use it assert CPU budgets and fp32 results."""
+    return SentimentClassifier(ModelConfig(model_id=str(tiny_checkpoint), device="cpu"))
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,7 @@ import pytest
 import yaml
 from pydantic import SecretStr
 
-from deployments.app import batch_size, deployment_options, replica_model_config
+from deployments.app import batch_size, deployment_options
 from deployments.args import ServeArgs, parse_serve_args
 from sentiment.config import ModelConfig
 from sentiment.errors import InvalidInputError
@@ -141,20 +141,13 @@ def test_batch_size_is_full_when_either_limit_is_reached(texts: int, tokens: int
     assert batch_size(texts, tokens, max_texts=64, max_tokens=16384) == expected
 
 
-def test_replica_without_cuda_falls_back_to_cpu_and_caps_memory_only_on_a_gpu() -> None:
-    model = ModelConfig(model_id="x", device="cuda")
-    # torch here is a CPU build: a replica given a GPU share runs on the CPU.
-    assert replica_model_config(model, num_gpus=0.25).device == "cpu"
-    assert replica_model_config(ModelConfig(model_id="x"), num_gpus=0.0) == ModelConfig(model_id="x")
-
-
-@pytest.mark.gpu
-def test_fractional_gpu_replica_caps_its_cuda_memory() -> None:
-    torch = pytest.importorskip("torch")
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU")
-    assert replica_model_config(ModelConfig(model_id="x"), num_gpus=0.25).gpu_memory_fraction == 0.25
-    assert replica_model_config(ModelConfig(model_id="x", gpu_memory_fraction=0.1), 0.25).gpu_memory_fraction == 0.1
+def test_a_gpu_share_caps_memory_to_the_fraction_and_an_explicit_cap_wins() -> None:
+    model = ModelConfig(model_id="x")
+    assert model.for_gpu_share(0.25).gpu_memory_fraction == 0.25
+    assert model.for_gpu_share(0.0) is model
+    assert model.for_gpu_share(1.0) is model
+    assert model.for_gpu_share(2.0).gpu_memory_fraction is None
+    assert ModelConfig(model_id="x", gpu_memory_fraction=0.1).for_gpu_share(0.25).gpu_memory_fraction == 0.1
 
 
 @pytest.mark.parametrize("module", ["deployments.args", "deployments.cli", "deployments.schemas"])

@@ -12,8 +12,8 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from sentiment.config import ModelConfig
-from sentiment.errors import InvalidInputError
-from sentiment.model import SentimentClassifier, plan_batches
+from sentiment.errors import DeviceMemoryError, InvalidInputError
+from sentiment.model import Prediction, SentimentClassifier, plan_batches
 from sentiment.testing import WORDS, make_checkpoint
 
 STRATEGIES = ("head", "tail", "head_tail", "chunks")
@@ -89,7 +89,7 @@ def expected(reference: Reference) -> dict[str, np.ndarray]:
 def test_predictions_match_unpadded_reference_for_every_batching(
     tiny_checkpoint: Path, expected: dict[str, np.ndarray], batching: dict[str, int]
 ) -> None:
-    classifier = SentimentClassifier(ModelConfig(model_id=str(tiny_checkpoint), **batching))
+    classifier = SentimentClassifier(ModelConfig(model_id=str(tiny_checkpoint), device="cpu", **batching))
     assert classifier.dtype == torch.float32
     for strategy in STRATEGIES:
         predictions = classifier.predict(TEXTS, long_text=strategy)  # type: ignore[arg-type]
@@ -275,9 +275,11 @@ def test_describe_reports_what_runs(classifier: SentimentClassifier, tiny_checkp
 
 
 def test_auto_budget_follows_the_precision_and_an_explicit_budget_is_kept(tiny_checkpoint: Path) -> None:
-    bf16 = SentimentClassifier(ModelConfig(model_id=str(tiny_checkpoint), dtype="bf16"))
+    bf16 = SentimentClassifier(ModelConfig(model_id=str(tiny_checkpoint), dtype="bf16", device="cpu"))
     assert bf16.max_batch_tokens == 2048
-    fixed = SentimentClassifier(ModelConfig(model_id=str(tiny_checkpoint), max_batch_tokens=300, max_batch_size=64))
+    fixed = SentimentClassifier(
+        ModelConfig(model_id=str(tiny_checkpoint), max_batch_tokens=300, max_batch_size=64, device="cpu")
+    )
     assert fixed.max_batch_tokens == 300
     # 300 tokens hold 3 windows of 100 tokens, so 7 texts of that length take 3 forward passes.
     text = " ".join(["good"] * 98)
@@ -295,8 +297,84 @@ def test_auto_budget_follows_the_precision_and_an_explicit_budget_is_kept(tiny_c
 
 
 def test_bf16_runs_and_stays_close_to_fp32(tiny_checkpoint: Path, classifier: SentimentClassifier) -> None:
-    bf16 = SentimentClassifier(ModelConfig(model_id=str(tiny_checkpoint), dtype="bf16"))
+    bf16 = SentimentClassifier(ModelConfig(model_id=str(tiny_checkpoint), dtype="bf16", device="cpu"))
     assert bf16.dtype == torch.bfloat16
     got = [p.scores["pos"] for p in bf16.predict(TEXTS[:20])]
     want = [p.scores["pos"] for p in classifier.predict(TEXTS[:20])]
     assert got == pytest.approx(want, abs=0.05)
+
+
+# -- running out of GPU memory -----------------------------------------------------------------------
+# A CUDA OOM needs a GPU; the fault is injected at `_forward_batch`, the one forward pass, which raises
+# the real `torch.cuda.OutOfMemoryError` (present in CPU builds too).
+
+
+def score_rows(predictions: list[Prediction]) -> np.ndarray:
+    return np.array([[p.scores["neg"], p.scores["pos"]] for p in predictions])
+
+
+def inject_oom(monkeypatch: pytest.MonkeyPatch, classifier: SentimentClassifier, fits: object) -> list[int]:
+    """Make every forward pass over a batch that ``fits`` refuses raise CUDA OOM; returns the sizes tried."""
+    original = classifier._forward_batch
+    tried: list[int] = []
+
+    def forward(batch: list[list[int]]) -> np.ndarray:
+        tried.append(len(batch))
+        if not fits(batch):  # type: ignore[operator]
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected)")
+        return original(batch)
+
+    monkeypatch.setattr(classifier, "_forward_batch", forward)
+    return tried
+
+
+def test_a_forward_pass_out_of_memory_is_split_and_gives_the_same_predictions(
+    classifier: SentimentClassifier, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    want = classifier.predict(TEXTS[:20])
+    splits_before = classifier.oom_splits
+    tried = inject_oom(monkeypatch, classifier, lambda batch: len(batch) <= 3)
+    got = classifier.predict(TEXTS[:20])
+    np.testing.assert_allclose(score_rows(got), score_rows(want), atol=1e-5)
+    assert [p.label for p in got] == [p.label for p in want]
+    assert max(tried) > 3, "the planned batches were bigger than what fits"
+    assert classifier.oom_splits > splits_before
+    # A failed pass of n inputs is retried as n // 2 (first) and n - n // 2; every input ran once in a pass that fit.
+    for size, following in zip(tried, tried[1:], strict=False):
+        if size > 3:
+            assert following == size // 2
+    assert sum(size for size in tried if size <= 3) == 20
+
+
+def test_only_an_input_that_does_not_fit_alone_fails_and_the_others_are_answered(
+    classifier: SentimentClassifier, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    texts = ["a fine film", " ".join(["dull"] * 300), "awful acting", "great cast"]
+    want = classifier.predict(texts)
+    inject_oom(monkeypatch, classifier, lambda batch: max(len(sequence) for sequence in batch) < 100)
+    with pytest.raises(DeviceMemoryError, match="an input of 302 tokens does not fit in cpu memory") as caught:
+        classifier.predict(texts)
+    assert caught.value.failed == [1]
+    assert "lower max_length" in str(caught.value)
+    partial = caught.value.partial
+    assert partial[1] is None
+    assert [p.label for p in partial if p] == [want[0].label, want[2].label, want[3].label]
+    np.testing.assert_allclose(
+        score_rows([p for p in partial if p]), score_rows([want[0], want[2], want[3]]), atol=1e-5
+    )
+
+
+def test_a_column_batch_marks_only_the_row_that_does_not_fit(
+    classifier: SentimentClassifier, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    batch = pa.table({"text": ["a fine film", " ".join(["dull"] * 300), None], "id": [1, 2, 3]})
+    inject_oom(monkeypatch, classifier, lambda batch: max(len(sequence) for sequence in batch) < 100)
+    out = classifier(batch)
+    assert isinstance(out, pa.Table)
+    errors = out.column("error").to_pylist()
+    assert errors[0] is None
+    assert errors[1] is not None and "does not fit in cpu memory even alone" in errors[1]
+    assert errors[2] == "text is null"
+    assert out.column("label").to_pylist()[0] in ("neg", "pos")
+    assert out.column("label").to_pylist()[1:] == [None, None]
+    assert out.column("id").to_pylist() == [1, 2, 3]

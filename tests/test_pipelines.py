@@ -278,12 +278,15 @@ def test_map_batches_runs_the_shared_class_on_an_actor_pool(tiny_checkpoint: Pat
         batch_size=128,
         cpu_threads=2,
     )
-    options = map_batches_options(args)
+    options = map_batches_options(args, args.actor_gpus(cluster_gpus=0), actor_log=None)
     compute = options.pop("compute")
     assert isinstance(compute, ActorPoolStrategy)
     assert (compute.min_size, compute.max_size) == (2, 8)
     assert options == {
-        "fn_constructor_kwargs": {"config": args.model.model_copy(update={"gpu_memory_fraction": 0.25})},
+        "fn_constructor_kwargs": {
+            "config": args.model.model_copy(update={"gpu_memory_fraction": 0.25}),
+            "actor_log": None,
+        },
         "batch_size": 128,
         "batch_format": "pyarrow",
         "num_cpus": 1,

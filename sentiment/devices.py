@@ -1,0 +1,118 @@
+"""Which device, precision and memory cap a classifier runs with: the GPU decisions, each a small function.
+
+They take what they decide from as arguments (whether torch sees CUDA, the GPUs Ray reserved, the
+card's compute capability), so tests exercise every branch on a machine without a GPU; the
+classifier passes in the real values. No torch or ray import here.
+
+``device: auto`` means *the device Ray reserved for this process*:
+
+- under Ray with GPUs reserved (``ray.get_gpu_ids()`` non-empty): the first of them, as torch
+  numbers it inside this process;
+- under Ray with **zero** GPUs reserved: the CPU, even when CUDA is visible. Ray 2.60 no longer
+  hides the GPUs from a worker that reserved none (Ray issue 54868), so "CUDA if visible" would
+  put a CPU replica or a CPU batch actor on a card it never reserved, uncapped;
+- outside Ray (``sentiment predict`` on a workstation): CUDA if torch sees it, else the CPU.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+from sentiment.errors import ModelLoadError
+
+logger = logging.getLogger(__name__)
+
+# Compute capability from which bf16 runs natively (Ampere). Below it, torch still reports bf16 as
+# supported on T4 and V100, but emulates it, several times slower than fp16.
+NATIVE_BF16_CAPABILITY = (8, 0)
+
+
+def resolve_device(
+    requested: str,
+    *,
+    cuda_available: bool,
+    reserved_gpus: Sequence[int | str] | None,
+    visible_devices: str | None,
+) -> str:
+    """The torch device (``"cpu"`` or ``"cuda:N"``, always with an index) a classifier runs on.
+
+    ``reserved_gpus`` is ``ray.get_gpu_ids()`` when running under Ray, None outside Ray;
+    ``visible_devices`` is this process's ``CUDA_VISIBLE_DEVICES``. 'cuda' and 'cuda:N' force a GPU.
+    """
+    if requested == "cpu":
+        return "cpu"
+    if requested.startswith("cuda"):
+        if not cuda_available:
+            raise ModelLoadError(
+                f"device is {requested!r} but this process sees no CUDA GPU; use device 'auto' or 'cpu'"
+            )
+        if requested != "cuda":
+            return requested
+        return f"cuda:{cuda_index(reserved_gpus[0], visible_devices)}" if reserved_gpus else "cuda:0"
+    if requested != "auto":
+        raise ModelLoadError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {requested!r}")
+    if reserved_gpus is None:
+        return "cuda:0" if cuda_available else "cpu"
+    if not reserved_gpus:
+        return "cpu"
+    if not cuda_available:
+        # Logical GPUs (a test cluster, a node that declares GPUs without a driver or with a CPU
+        # build of torch): Ray scheduled us as if a GPU were there; say so instead of failing.
+        logger.warning(
+            "This process reserved GPU ids %s from Ray but torch sees no CUDA device; running on the CPU.",
+            list(reserved_gpus),
+        )
+        return "cpu"
+    return f"cuda:{cuda_index(reserved_gpus[0], visible_devices)}"
+
+
+def cuda_index(gpu_id: int | str, visible_devices: str | None) -> int:
+    """Torch's index, inside this process, of the GPU that Ray calls ``gpu_id``.
+
+    Ray sets ``CUDA_VISIBLE_DEVICES`` to the reserved ids, so torch renumbers them from 0: Ray's
+    GPU 3 is this process's ``cuda:0``. Where that variable is unset (Ray told not to set it), the
+    id is the physical index.
+    """
+    visible = [item.strip() for item in (visible_devices or "").split(",") if item.strip()]
+    if str(gpu_id) in visible:
+        return visible.index(str(gpu_id))
+    if visible:
+        raise ModelLoadError(
+            f"Ray reserved GPU {gpu_id!r} for this process but CUDA_VISIBLE_DEVICES is {visible_devices!r}"
+        )
+    try:
+        return int(gpu_id)
+    except ValueError:
+        raise ModelLoadError(f"cannot tell torch's index of GPU {gpu_id!r}: CUDA_VISIBLE_DEVICES is unset") from None
+
+
+def resolve_dtype(requested: str, device: str, capability: tuple[int, int] | None) -> str:
+    """The precision ('fp32', 'bf16', 'fp16') to run in; ``capability`` is the GPU's, None on a CPU.
+
+    'auto': bf16 on a GPU that runs it natively (compute capability 8.0 and up), fp16 on older
+    GPUs (T4, V100: bf16 is emulated there), fp32 on a CPU.
+    """
+    on_gpu = device.startswith("cuda")
+    if requested == "auto":
+        if not on_gpu:
+            return "fp32"
+        return "bf16" if capability is not None and capability >= NATIVE_BF16_CAPABILITY else "fp16"
+    if requested == "bf16" and on_gpu and capability is not None and capability < NATIVE_BF16_CAPABILITY:
+        logger.warning(
+            "dtype bf16 on a GPU of compute capability %d.%d is emulated and slow; fp16 runs natively there.",
+            *capability,
+        )
+    return requested
+
+
+def gpu_memory_fraction(configured: float | None, num_gpus: float) -> float | None:
+    """The CUDA memory cap of a process that reserved ``num_gpus`` from Ray.
+
+    Ray's fractional GPUs are a scheduling fiction: nothing stops a 0.25-GPU replica from taking the
+    whole card, so a process with a fraction caps itself to it. An explicit ``configured`` cap wins;
+    a whole GPU or more needs none.
+    """
+    if configured is not None:
+        return configured
+    return num_gpus if 0 < num_gpus < 1 else None
