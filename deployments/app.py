@@ -65,6 +65,7 @@ class SentimentServer:
 
             classifier = SentimentClassifier(args.model.for_gpu_share(self.num_gpus), reserved_gpus=ray.get_gpu_ids())
         self.classifier = classifier
+        self.replica_id = _replica_id()
         self.classifier.warmup()
         self.api_key = args.resolve_api_key()
         self.batch_max_texts = args.effective_batch_max_texts
@@ -121,6 +122,8 @@ class SentimentServer:
             "max_texts_per_request": self.args.max_texts_per_request,
             "max_chars_per_text": self.args.max_chars_per_text,
             "replica_gpus": self.num_gpus,
+            "replica": self.replica_id,
+            "gpu_memory_peak_bytes": self.classifier.peak_gpu_memory_bytes(),
         }
 
     async def classify(
@@ -181,6 +184,17 @@ class SentimentServer:
             else:
                 results.append([p for p in predictions[span.start : span.stop] if p is not None])
         return results
+
+
+def _replica_id() -> str | None:
+    """Serve's id of this replica (tells replicas apart in /info), None outside a Serve replica."""
+    from ray import serve
+    from ray.serve.exceptions import RayServeException
+
+    try:
+        return str(serve.get_replica_context().replica_tag)
+    except RayServeException:  # not in a replica: in-process tests
+        return None
 
 
 def batch_size(texts: int, tokens: int, max_texts: int, max_tokens: int) -> int:

@@ -180,6 +180,14 @@ class SentimentClassifier:
             "max_batch_size": self.config.max_batch_size,
         }
 
+    def peak_gpu_memory_bytes(self) -> int | None:
+        """Most CUDA memory this process has held at once (``torch.cuda.max_memory_allocated``); None on a CPU."""
+        if self.device.type != "cuda":
+            return None
+        import torch
+
+        return int(torch.cuda.max_memory_allocated(self.device))
+
     # -- encoding ----------------------------------------------------------------------------
 
     def encode(self, texts: Sequence[str], long_text: LongTextStrategy | None = None) -> list[EncodedText]:

@@ -72,7 +72,7 @@ def test_forcing_cuda_without_a_gpu_is_a_clear_error(requested: str) -> None:
 
 
 def test_a_reserved_gpu_that_is_not_visible_is_a_clear_error() -> None:
-    with pytest.raises(ModelLoadError, match="Ray reserved GPU 4 .* CUDA_VISIBLE_DEVICES is '0,1'"):
+    with pytest.raises(ModelLoadError, match=r"Ray reserved GPU 4 .* CUDA_VISIBLE_DEVICES is '0,1'"):
         cuda_index(4, "0,1")
 
 

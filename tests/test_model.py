@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 from pathlib import Path
 
@@ -340,7 +341,7 @@ def test_a_forward_pass_out_of_memory_is_split_and_gives_the_same_predictions(
     assert max(tried) > 3, "the planned batches were bigger than what fits"
     assert classifier.oom_splits > splits_before
     # A failed pass of n inputs is retried as n // 2 (first) and n - n // 2; every input ran once in a pass that fit.
-    for size, following in zip(tried, tried[1:], strict=False):
+    for size, following in itertools.pairwise(tried):
         if size > 3:
             assert following == size // 2
     assert sum(size for size in tried if size <= 3) == 20
@@ -373,7 +374,8 @@ def test_a_column_batch_marks_only_the_row_that_does_not_fit(
     assert isinstance(out, pa.Table)
     errors = out.column("error").to_pylist()
     assert errors[0] is None
-    assert errors[1] is not None and "does not fit in cpu memory even alone" in errors[1]
+    assert errors[1] is not None
+    assert "does not fit in cpu memory even alone" in errors[1]
     assert errors[2] == "text is null"
     assert out.column("label").to_pylist()[0] in ("neg", "pos")
     assert out.column("label").to_pylist()[1:] == [None, None]

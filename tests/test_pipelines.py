@@ -23,6 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from benchmarks.corpus import write_corpus
 from pipelines.args import PipelineArgs
@@ -217,8 +218,19 @@ def test_run_report_holds_the_numbers_of_the_output_and_the_summary_line_comes_f
         "labels": ["neg", "pos"],
         "dtype": "auto",
         "device": "auto",
-        "num_gpus_per_actor": 0.0,
+        # num_gpus auto on a Ray with a (logical) GPU: one GPU per actor.
+        "num_gpus_per_actor": 1.0,
     }
+    # What each actor resolved: the GPU Ray gave it; torch sees no CUDA behind the logical GPU here.
+    assert 1 <= len(report["actors"]) <= 2
+    for actor in report["actors"]:
+        assert len(actor["reserved_gpus"]) == 1
+        if torch.cuda.is_available():
+            assert (actor["device"], actor["dtype"]) == ("cuda:0", "bf16")
+        else:
+            assert (actor["device"], actor["dtype"], actor["gpu_memory_cap_bytes"]) == ("cpu", "fp32", None)
+        assert actor["torch_threads"] >= 1
+        assert actor["max_batch_tokens"] == classifier_budget(actor["device"], actor["dtype"])
     assert report["config"]["batch_size"] == 32
     assert (report["config"]["min_actors"], report["config"]["max_actors"]) == (1, 2)
     assert report["config"]["output"] == str(out)
@@ -227,6 +239,26 @@ def test_run_report_holds_the_numbers_of_the_output_and_the_summary_line_comes_f
     finished = datetime.datetime.fromisoformat(report["finished_at"])
     assert datetime.timedelta(0) <= finished - started <= datetime.timedelta(minutes=10)
     assert printed.splitlines()[-1] == format_summary(report)
+
+
+def classifier_budget(device: str, dtype: str) -> int:
+    from sentiment.config import auto_max_batch_tokens
+
+    return auto_max_batch_tokens(device.split(":")[0], dtype)
+
+
+def test_actors_that_reserved_no_gpu_run_on_the_cpu(ray_session: Any, corpus: Path, tiny_checkpoint: Path) -> None:
+    # Ray 2.60 leaves CUDA visible to a worker that reserved no GPU; the actor must not take it.
+    out = corpus.parent / "out-cpu"
+    args = PipelineArgs(
+        model=ModelConfig(model_id=str(tiny_checkpoint)), input=str(corpus), output=str(out), num_gpus=0
+    )
+    report = run(args).report
+    assert report["model"]["num_gpus_per_actor"] == 0.0
+    assert report["actors"]
+    assert all(
+        (actor["reserved_gpus"], actor["device"], actor["dtype"]) == ([], "cpu", "fp32") for actor in report["actors"]
+    )
 
 
 def test_resume_of_a_complete_output_has_nothing_to_do(

@@ -1,0 +1,114 @@
+"""`SentimentServer` in-process, with its classifier and metrics handed in: no Ray, no HTTP.
+
+What the replica does with a gathered batch when the model runs out of GPU memory: the
+classifier splits and retries; a request whose text does not fit even alone gets 413, the other
+requests of the same batch their predictions, and the replica stays healthy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from deployments.app import SentimentServer
+from deployments.args import ServeArgs
+from deployments.errors import ApiError, ErrorType
+from deployments.metrics import EndpointMetrics
+from sentiment.config import ModelConfig
+from sentiment.model import Prediction, SentimentClassifier
+
+
+class RecordingMetrics(EndpointMetrics):
+    """The real metrics, plus what was recorded, to assert on."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.oom_split_total = 0
+        self.batches: list[int] = []
+
+    def record_oom_splits(self, splits: int) -> None:
+        super().record_oom_splits(splits)
+        self.oom_split_total += splits
+
+    def record_batch(self, texts: int, tokens: int, seconds: float) -> None:
+        super().record_batch(texts, tokens, seconds)
+        self.batches.append(texts)
+
+
+@pytest.fixture
+def server(tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch) -> SentimentServer:
+    model = ModelConfig(model_id=str(tiny_checkpoint), device="cpu")
+    classifier = SentimentClassifier(model)
+    original = classifier._forward_batch
+
+    def forward(batch: list[list[int]]) -> np.ndarray:
+        # Out of memory above 4 inputs or 100 tokens per input: the injected stand-in for a full GPU.
+        if len(batch) > 4 or max(len(sequence) for sequence in batch) >= 100:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
+        return original(batch)
+
+    server = SentimentServer(
+        # A wait, so the concurrent requests below share one gathered batch.
+        ServeArgs(model=model, batch_wait_timeout_s=0.5),
+        classifier=classifier,
+        metrics=RecordingMetrics(),
+    )
+    monkeypatch.setattr(classifier, "_forward_batch", forward)
+    return server
+
+
+async def classify_all(server: SentimentServer, requests: list[list[str]]) -> list[list[Prediction] | BaseException]:
+    return await asyncio.gather(*(server.classify(texts) for texts in requests), return_exceptions=True)
+
+
+def test_only_the_request_with_a_text_too_big_for_the_gpu_fails_and_the_replica_stays_healthy(
+    server: SentimentServer,
+) -> None:
+    short = [f"review number {i} was fine" for i in range(6)]
+    requests = [short[:3], ["fine", " ".join(["long"] * 200)], short[3:]]
+
+    async def after_a_first_batch() -> list[list[Prediction] | BaseException]:
+        # The batcher's loop starts with the first request and takes it at once; from then on, a
+        # request that finds it idle waits batch_wait_timeout_s for company, so these three share a batch.
+        await server.classify(["warm"])
+        return await classify_all(server, requests)
+
+    results = asyncio.run(after_a_first_batch())
+
+    first, failed, last = results
+    assert isinstance(failed, ApiError)
+    assert (failed.status, failed.error_type) == (413, ErrorType.TOO_LARGE)
+    assert failed.message.startswith("texts[1]: an input of 202 tokens does not fit in cpu memory")
+    assert isinstance(first, list)
+    assert isinstance(last, list)
+    # Asked directly in passes that fit (4 inputs at most), so they split nothing themselves.
+    want = server.classifier.predict(short[:3]) + server.classifier.predict(short[3:])
+    assert [p.label for p in first + last] == [p.label for p in want]
+    # One gathered batch of all 8 texts, split (8 > 4 inputs) and retried, and the replica is fine.
+    metrics = server.metrics
+    assert isinstance(metrics, RecordingMetrics)
+    assert metrics.batches == [1, 8]
+    assert metrics.oom_split_total == server.classifier.oom_splits > 0
+    assert server.healthy
+    # And it goes on serving.
+    (again,) = asyncio.run(classify_all(server, [short[:4]]))
+    assert isinstance(again, list)
+    assert [p.label for p in again] == [p.label for p in want[:4]]
+
+
+def test_a_model_that_keeps_failing_otherwise_still_makes_the_replica_unhealthy(
+    server: SentimentServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(batch: list[list[int]]) -> np.ndarray:
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(server.classifier, "_forward_batch", broken)
+    for _ in range(3):
+        (result,) = asyncio.run(classify_all(server, [["fine"]]))
+        assert isinstance(result, ApiError)
+        assert result.status == 424
+    assert not server.healthy
