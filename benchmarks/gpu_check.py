@@ -103,7 +103,7 @@ def precision(setup: Setup) -> dict[str, Any]:
     _free_cuda()
     probabilities: dict[str, np.ndarray] = {}
     for dtype in ("fp32", "bf16", "fp16"):
-        classifier = SentimentClassifier(ModelConfig(model_id=str(setup.checkpoint), dtype=dtype, device=setup.device))  # type: ignore[arg-type]
+        classifier = SentimentClassifier(ModelConfig(model_id=str(setup.checkpoint), dtype=dtype, device=setup.device))
         probabilities[dtype] = np.array(
             [[p.scores[label] for label in classifier.labels] for p in classifier.predict(texts)]
         )

@@ -105,7 +105,15 @@ class InfoResponse(BaseModel):
     long_text: str
     head_tokens: int
     dtype: str = Field(description="Precision of the weights and activations: fp32, bf16 or fp16.")
-    device: str
+    device: str = Field(description="Device the model runs on, with its index: cpu or cuda:N.")
+    reserved_gpus: list[str] | None = Field(
+        description="GPU ids Ray reserved for this replica (empty: none, so it runs on the CPU)."
+    )
+    gpu_memory_fraction: float | None = Field(description="Share of the card this replica caps its CUDA memory to.")
+    gpu_memory_cap_bytes: int | None = Field(description="That cap in bytes; null without a cap or on a CPU.")
+    gpu_memory_peak_bytes: int | None = Field(
+        description="Most CUDA memory this replica has held at once since it started; null on a CPU."
+    )
     max_batch_tokens: int = Field(description="Token budget of one forward pass.")
     max_batch_size: int = Field(description="Most inputs of one forward pass.")
     batch_max_texts: int = Field(description="Most texts gathered from concurrent requests into one batch.")
@@ -115,3 +123,4 @@ class InfoResponse(BaseModel):
     max_texts_per_request: int
     max_chars_per_text: int
     replica_gpus: float = Field(description="GPUs this replica reserved from Ray.")
+    replica: str | None = Field(description="Serve's id of the replica that answered.")
