@@ -10,12 +10,14 @@ every Ray on the machine, and node launches take minutes on two cores. Run it al
 from __future__ import annotations
 
 import copy
+import socket
 import time
 from pathlib import Path
 from typing import Any
 
 import pyarrow.parquet as pq
 import pytest
+import yaml
 
 from benchmarks.corpus import write_corpus
 from pipelines.args import PipelineArgs
@@ -23,6 +25,8 @@ from pipelines.batch import run
 from sentiment.config import ModelConfig
 
 pytestmark = pytest.mark.slow
+
+SERVE_CLUSTER_YAML = Path(__file__).resolve().parents[1] / "deployments" / "serve-cluster.yaml"
 
 
 # The fake provider's base config. Ray's wheel does not ship the example.yaml that
@@ -61,7 +65,14 @@ def gpu_nodes() -> int:
     return sum(1 for node in ray.nodes() if node["Alive"] and node["Resources"].get("GPU", 0) > 0)
 
 
-def test_a_gpu_batch_job_adds_gpu_workers_and_idle_ones_are_removed(tmp_path: Path, tiny_checkpoint: Path) -> None:
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def local_autoscaling_cluster(max_gpu_workers: int) -> Any:
+    """A fake-provider cluster like cluster.yaml: a CPU-only head, a GPU worker type that starts at 0."""
     import ray
     from ray.cluster_utils import AutoscalingCluster
 
@@ -75,17 +86,62 @@ def test_a_gpu_batch_job_adds_gpu_workers_and_idle_ones_are_removed(tmp_path: Pa
             return config
 
     ray.shutdown()
-    cluster = LocalAutoscalingCluster(
+    return LocalAutoscalingCluster(
         head_resources={"CPU": 2},
         worker_node_types={
             "gpu_worker": {
                 "resources": {"CPU": 2, "GPU": 1},
                 "node_config": {},
                 "min_workers": 0,
-                "max_workers": 2,
+                "max_workers": max_gpu_workers,
             }
         },
     )
+
+
+def test_the_cluster_serve_config_adds_a_gpu_node_and_its_replicas_land_there_at_a_quarter_gpu(
+    tiny_checkpoint: Path,
+) -> None:
+    import ray
+    from ray import serve
+    from ray.util.state import list_actors
+
+    from deployments.app import build_app
+
+    config = yaml.safe_load(SERVE_CLUSTER_YAML.read_text())
+    (application,) = config["applications"]
+    args = copy.deepcopy(application["args"])
+    args["model"]["model_id"] = str(tiny_checkpoint)
+    args["ray_actor_options"]["num_cpus"] = 0.25  # four replicas beside each other on a 2-CPU fake node
+    args["autoscaling"]["min_replicas"] = 4  # one card's worth, so the test sees the packing
+    cluster = local_autoscaling_cluster(max_gpu_workers=1)
+    try:
+        cluster.start()
+        ray.init("auto", runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1"}})
+        assert gpu_nodes() == 0
+        serve.start(http_options={"host": "127.0.0.1", "port": free_port()})
+        # Returns once the app runs: its replicas ask for GPUs the cluster lacks until a node is added.
+        serve.run(build_app(args), name="sentiment", route_prefix="/")
+        replicas = [
+            actor
+            for actor in list_actors(filters=[("state", "=", "ALIVE")], detail=True)
+            if actor.class_name.startswith("ServeReplica:sentiment:")
+        ]
+        assert len(replicas) == 4
+        gpu_node_ids = {node["NodeID"] for node in ray.nodes() if node["Alive"] and node["Resources"].get("GPU", 0) > 0}
+        assert len(gpu_node_ids) == 1, "the autoscaler added one GPU node for the replicas"
+        assert {replica.node_id for replica in replicas} == gpu_node_ids
+        assert all(replica.required_resources.get("GPU") == 0.25 for replica in replicas)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+        cluster.shutdown()
+
+
+def test_a_gpu_batch_job_adds_gpu_workers_and_idle_ones_are_removed(tmp_path: Path, tiny_checkpoint: Path) -> None:
+    import ray
+
+    cluster = local_autoscaling_cluster(max_gpu_workers=2)
     try:
         cluster.start()
         ray.init("auto", runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1"}})

@@ -15,7 +15,9 @@ from deployments.args import ServeArgs, parse_serve_args
 from sentiment.config import ModelConfig
 from sentiment.errors import InvalidInputError
 
-SERVE_YAML = Path(__file__).resolve().parents[1] / "deployments" / "serve.yaml"
+REPO = Path(__file__).resolve().parents[1]
+SERVE_YAML = REPO / "deployments" / "serve.yaml"
+SERVE_CLUSTER_YAML = REPO / "deployments" / "serve-cluster.yaml"
 
 
 def shipped_args() -> ServeArgs:
@@ -124,6 +126,30 @@ def test_shipped_serve_yaml_is_a_valid_ray_serve_config() -> None:
     args = shipped_args()
     assert args.model.model_id == "lvwerra/bert-imdb"
     assert args.max_ongoing_requests >= args.effective_batch_max_texts
+
+
+def test_the_cluster_serve_config_asks_for_a_quarter_gpu_even_while_no_gpu_node_is_up() -> None:
+    from ray.serve.schema import ServeDeploySchema
+
+    config = ServeDeploySchema.model_validate(yaml.safe_load(SERVE_CLUSTER_YAML.read_text()))
+    (application,) = config.applications
+    assert application.import_path == "deployments.app:build_app"
+    assert config.http_options.host == "127.0.0.1"
+    args = parse_serve_args(application.args)
+    # cluster.yaml's GPU workers start at zero: at deploy time the cluster has no GPU at all.
+    options = deployment_options(args, cluster_gpus=0)
+    assert options["ray_actor_options"]["num_gpus"] == 0.25
+    # Apart from the GPU share and the replica bound, the same app as serve.yaml.
+    local = shipped_args()
+    assert args.model == local.model
+    differing = {name for name in ServeArgs.model_fields if getattr(args, name) != getattr(local, name)}
+    assert differing == {"ray_actor_options", "autoscaling"}
+    assert args.autoscaling.model_copy(update={"max_replicas": 4}) == local.autoscaling
+    # Where cluster users are told to deploy it: the README and cluster.yaml's own header.
+    for document in (REPO / "README.md", REPO / "cluster.yaml"):
+        text = document.read_text()
+        assert "serve deploy deployments/serve-cluster.yaml --address http://localhost:8265" in text
+        assert "serve deploy deployments/serve.yaml --address" not in text
 
 
 @pytest.mark.parametrize(
