@@ -49,7 +49,7 @@ import numpy as np
 
 from benchmarks.common import ensure_checkpoint
 from benchmarks.corpus import make_reviews, write_corpus
-from benchmarks.run import PEAK_TFLOPS, forward_flops
+from benchmarks.run import forward_flops, peak_tflops
 from benchmarks.serve_bench import closed_loop, summarize
 
 REPO = Path(__file__).resolve().parents[1]
@@ -722,16 +722,6 @@ def _info_into(client: Any, base: str, seen: dict[str, dict[str, Any]]) -> None:
     if response.status_code == 200:
         info = response.json()
         seen[str(info.get("replica"))] = info
-
-
-def peak_tflops(device: str) -> float | None:
-    """The card's dense bf16 peak (TFLOP/s), for the cards `benchmarks.run.PEAK_TFLOPS` knows; None on a CPU."""
-    if device != "cuda":
-        return None
-    import torch
-
-    name = torch.cuda.get_device_name(0)
-    return next((peak for key, peak in PEAK_TFLOPS.items() if key in name), None)
 
 
 def free_port() -> int:

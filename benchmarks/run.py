@@ -410,7 +410,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         same_labels = float((probabilities[dtype].argmax(1) == probabilities["fp32"].argmax(1)).mean())
         precision_lines.append(f"| {dtype} | {difference:.4f} | {same_labels:.1%} |")
 
-    peak = options.peak_tflops or _peak_tflops(device)
+    peak = options.peak_tflops or peak_tflops(device)
     table = render(rows, flops_per_token if peak else None, peak)
     precision = "\n".join(precision_lines)
     load_after = os.getloadavg()
@@ -448,7 +448,7 @@ def _gpu_name(device: str) -> str:
     return torch.cuda.get_device_name(0) if device == "cuda" else "no GPU"
 
 
-def _peak_tflops(device: str) -> float | None:
+def peak_tflops(device: str) -> float | None:
     if device != "cuda":
         return None
     name = _gpu_name(device)

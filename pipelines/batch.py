@@ -681,13 +681,17 @@ def run(args: PipelineArgs) -> BatchResult:
     resolved: dict[str, Any] = {}
     if pending:
         import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         from pipelines.stage import ActorLog
 
         if not ray.is_initialized():
             ray.init()
         num_gpus = args.actor_gpus(ray.cluster_resources().get("GPU", 0.0))
-        actor_log: Any = ray.remote(num_cpus=0)(ActorLog).remote()
+        # On the driver's node: a worker node lost mid-job must not take the log with it (the
+        # actors that replace its model actors report to it too).
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        actor_log: Any = ray.remote(ActorLog).options(num_cpus=0, scheduling_strategy=here).remote()
         logger.info("model actors: %s GPU each (num_gpus %s)", num_gpus, args.num_gpus)
         started = time.perf_counter()
         try:

@@ -108,7 +108,7 @@ def batch_actor_nodes() -> set[str]:
     from ray.util.state import list_actors
 
     actors = list_actors(limit=1000, raise_on_missing_output=False)
-    return {a.node_id for a in actors if "MapWorker" in a.class_name and "SentimentClassifier" in a.class_name}
+    return {a.node_id for a in actors if "MapWorker" in a.class_name and "ModelStage" in a.class_name}
 
 
 def test_batch_actors_run_on_both_workers_and_the_output_is_complete(
