@@ -48,9 +48,11 @@ import pyarrow.parquet as pq
 from pipelines import files
 from pipelines.args import PipelineArgs
 from pipelines.files import Location, ParquetInput
+from pipelines.schema import output_name, prediction_columns
 from sentiment.config import ModelConfig
-from sentiment.errors import InvalidInputError, ModelLoadError, SentimentError
+from sentiment.errors import InvalidInputError, SentimentError
 from sentiment.labels import resolve_labels
+from sentiment.loading import load_model_config
 
 if TYPE_CHECKING:
     from ray.data import Dataset
@@ -219,16 +221,6 @@ class InputPlan:
 # -- checks before anything runs -------------------------------------------------------------------
 
 
-def prediction_columns(labels: Sequence[str]) -> list[str]:
-    """The columns the classifier appends, in its order (see `SentimentClassifier.output_schema`)."""
-    return ["label", "score", *(f"score_{label}" for label in labels), "num_tokens", "truncated", "error"]
-
-
-def output_name(column: str, labels: Sequence[str]) -> str:
-    """The name an input column gets in the output: ``input_<name>`` if a prediction column has its name."""
-    return f"input_{column}" if column in prediction_columns(labels) else column
-
-
 def plan_inputs(args: PipelineArgs) -> InputPlan:
     """Find and check the input files; raise `InvalidInputError` naming the file and column at fault.
 
@@ -323,23 +315,7 @@ def _is_text_type(data_type: pa.DataType) -> bool:
 
 def checkpoint_labels(config: ModelConfig) -> list[str]:
     """The model's label names, from its config.json alone (no weights), so a bad ``--model`` fails early."""
-    from transformers import AutoConfig
-
-    source = config.model_id
-    local = Path(source).expanduser()
-    if local.is_dir():
-        source = str(local.resolve())
-    try:
-        model_config = AutoConfig.from_pretrained(
-            source,
-            revision=None if local.is_dir() else config.revision,
-            local_files_only=config.local_files_only,
-            trust_remote_code=False,
-        )
-    except Exception as exc:
-        raise ModelLoadError(
-            f"could not read the config of model {config.model_id!r}: {type(exc).__name__}: {exc}"
-        ) from exc
+    model_config = load_model_config(config)
     return resolve_labels(model_config.id2label, model_config.num_labels, config.labels)
 
 
@@ -350,7 +326,7 @@ def map_batches_options(args: PipelineArgs, num_gpus: float, actor_log: Any = No
     """The ``map_batches`` arguments of the model stage: `ModelStage`'s constructor kwargs and its actor pool.
 
     ``num_gpus`` is each actor's GPU share, resolved (`PipelineArgs.actor_gpus`); ``actor_log`` an
-    `ActorLog` actor handle that each actor reports what it resolved to.
+    `ActorLog` actor handle that each actor reports to.
     """
     from ray.data import ActorPoolStrategy
 
@@ -371,15 +347,32 @@ def map_batches_options(args: PipelineArgs, num_gpus: float, actor_log: Any = No
     return options
 
 
-def build_pipeline(ds: Dataset, args: PipelineArgs, num_gpus: float = 0.0, actor_log: Any = None) -> Dataset:
-    """The model stage: ``ds`` (holding ``args.model.text_column``) plus the prediction columns.
+def tokenize_options(args: PipelineArgs, tokenize_actors: int) -> dict[str, Any]:
+    """The ``map_batches`` arguments of the tokenize stage: CPU actors, each holding a tokenizer."""
+    from ray.data import ActorPoolStrategy
 
-    The shared `SentimentClassifier` runs inside `ModelStage` on an actor pool; each actor loads the
-    model once in its constructor, on the device Ray reserved for it.
+    return {
+        "fn_constructor_kwargs": {"config": args.model},
+        "compute": ActorPoolStrategy(min_size=1, max_size=tokenize_actors),
+        "batch_size": args.batch_size,
+        "batch_format": "pyarrow",
+        "num_cpus": 1,
+        "udf_modifying_row_count": False,
+    }
+
+
+def build_pipeline(
+    ds: Dataset, args: PipelineArgs, num_gpus: float = 0.0, actor_log: Any = None, tokenize_actors: int = 1
+) -> Dataset:
+    """The two stages on ``ds`` (which holds ``args.model.text_column``): ``ds`` plus the prediction columns.
+
+    `TokenizeStage` actors turn texts into token windows on CPUs; `ModelStage` actors, each holding the
+    shared classifier on the device Ray reserved for it, run the forward passes.
     """
-    from pipelines.stage import ModelStage
+    from pipelines.stage import ModelStage, TokenizeStage
 
-    return ds.map_batches(ModelStage, **map_batches_options(args, num_gpus, actor_log))
+    tokenized = ds.map_batches(TokenizeStage, **tokenize_options(args, tokenize_actors))
+    return tokenized.map_batches(ModelStage, **map_batches_options(args, num_gpus, actor_log))
 
 
 def _tag_rows(

@@ -22,10 +22,8 @@ import pyarrow.parquet as pq
 
 from pipelines import files
 from pipelines.args import PipelineArgs
+from pipelines.schema import output_name, scored_labels
 from sentiment.errors import InvalidInputError
-
-# Columns whose presence marks the batch job's output (the score_<label> columns vary with the model).
-_SCORED_MARKERS = ("label", "score", "num_tokens", "truncated", "error")
 
 
 @dataclass(frozen=True)
@@ -182,25 +180,8 @@ def label_indices(values: pa.Array | pa.ChunkedArray, labels: Sequence[str], col
     raise InvalidInputError(f"gold label column {column!r} has type {values.type}; expected label names or 0/1")
 
 
-def scored_labels(schema: pa.Schema) -> list[str] | None:
-    """The model's labels if ``schema`` is the batch job's output (its score_<label> columns), else None."""
-    names = schema.names
-    if not all(name in names for name in _SCORED_MARKERS):
-        return None
-    # Prediction columns come last, in the classifier's order: label, score, score_<label>..., then 3.
-    if names[-3:] != ["num_tokens", "truncated", "error"]:
-        return None
-    start = len(names) - 1 - names[::-1].index("score")
-    labels = [name[len("score_") :] for name in names[start + 1 : -3]]
-    if len(labels) < 2 or not all(name.startswith("score_") for name in names[start + 1 : -3]):
-        return None
-    return labels
-
-
 def gold_column(label_column: str, labels: Sequence[str]) -> str:
     """Where the batch job put the gold column: ``input_<name>`` when a prediction column took its name."""
-    from pipelines.batch import output_name
-
     return output_name(label_column, labels)
 
 

@@ -17,7 +17,8 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from pipelines import files
-from pipelines.eval import EvalReport, gold_column, label_indices, scored_labels
+from pipelines.eval import EvalReport, gold_column, label_indices
+from pipelines.schema import scored_labels
 from sentiment.errors import InvalidInputError
 
 if TYPE_CHECKING:

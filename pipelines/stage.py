@@ -1,44 +1,103 @@
-"""The model stage's callable class: the shared classifier on the device Ray reserved for the actor.
+"""The batch job's two Ray Data stages around the shared core, as ``ray.data.llm`` splits its processors.
 
-Ray Data constructs `ModelStage` once per actor (``map_batches(ModelStage, fn_constructor_kwargs=...)``)
-and calls it on column batches. The constructor is the one place an actor learns which GPUs Ray
-gave it (``ray.get_gpu_ids()``): with none it runs on the CPU even where CUDA is visible, since
-Ray 2.60 no longer hides GPUs from workers that reserved none. What each actor resolved (device,
-dtype, memory cap, threads) goes to an `ActorLog`, which the job reads into its run report.
+- `TokenizeStage` (CPU actors): texts -> model-ready token windows (the long-text strategy applied)
+  and each row's error, decided once by `sentiment.encoding.text_error`. Many of them run in
+  parallel across cores and nodes, overlapping the forward passes.
+- `ModelStage` (one actor per GPU, or CPU actors): the windows -> predictions with the shared
+  `SentimentClassifier`, then the output columns (`pipelines.schema`). It only runs forward passes.
+
+Each actor learns in its constructor which GPUs Ray gave it (``ray.get_gpu_ids()``): with none it
+runs on the CPU even where CUDA is visible, since Ray 2.60 no longer hides GPUs from workers that
+reserved none. What each model actor resolved, and how many rows and tokens it has run, goes to an
+`ActorLog`, which the job reads for its progress line and its run report.
 """
 
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
 
 import pyarrow as pa
 
+from pipelines.schema import with_predictions
 from sentiment.config import ModelConfig
-from sentiment.model import SentimentClassifier
+from sentiment.encoding import EncodedText, TextEncoder, text_error
+from sentiment.errors import DeviceMemoryError, InvalidInputError
+from sentiment.model import Prediction, SentimentClassifier
+
+# Columns the tokenize stage adds and the model stage consumes; never written.
+WINDOWS = "__windows"
+NUM_TOKENS = "__num_tokens"
+TRUNCATED = "__truncated"
+ROW_ERROR = "__row_error"
+STAGE_COLUMNS = (WINDOWS, NUM_TOKENS, TRUNCATED, ROW_ERROR)
 
 
 class ActorLog:
-    """Collects one description per model actor; run as a tiny Ray actor by the job's driver."""
+    """What each model actor resolved and has done so far; run as a tiny Ray actor on the driver's node."""
 
     def __init__(self) -> None:
-        self._entries: list[dict[str, Any]] = []
+        self._actors: dict[str, dict[str, Any]] = {}
+        self._progress: dict[str, dict[str, float]] = {}
 
-    def add(self, entry: dict[str, Any]) -> None:
-        self._entries.append(entry)
+    def add(self, key: str, entry: dict[str, Any]) -> None:
+        self._actors[key] = entry
+
+    def progress(self, key: str, counts: dict[str, float]) -> None:
+        self._progress[key] = counts
 
     def entries(self) -> list[dict[str, Any]]:
-        return list(self._entries)
+        return [{**entry, **self._progress.get(key, {})} for key, entry in self._actors.items()]
+
+    def totals(self) -> dict[str, float]:
+        """Rows, tokens run and tokens padded, summed over every model actor so far."""
+        totals: dict[str, float] = {"rows": 0, "tokens_run": 0, "tokens_padded": 0}
+        for counts in self._progress.values():
+            for name in totals:
+                totals[name] += counts.get(name, 0)
+        return totals
+
+
+class TokenizeStage:
+    """Texts to token windows: appends `STAGE_COLUMNS` to a pyarrow column batch."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        self.encoder = TextEncoder(config)
+        self.column = config.text_column
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        if self.column not in batch.column_names:
+            raise InvalidInputError(f"text column {self.column!r} not found; columns are {batch.column_names}")
+        texts = batch.column(self.column).to_pylist()
+        errors = [text_error(text) for text in texts]
+        valid = [index for index, error in enumerate(errors) if error is None]
+        encoded: list[EncodedText | None] = [None] * len(texts)
+        for index, text in zip(valid, self.encoder.encode([texts[i] for i in valid]), strict=True):
+            encoded[index] = text
+        return (
+            batch.append_column(
+                WINDOWS,
+                pa.array([e.windows if e else None for e in encoded], pa.list_(pa.list_(pa.int32()))),
+            )
+            .append_column(NUM_TOKENS, pa.array([e.num_tokens if e else None for e in encoded], pa.int64()))
+            .append_column(TRUNCATED, pa.array([e.truncated if e else None for e in encoded], pa.bool_()))
+            .append_column(ROW_ERROR, pa.array(errors, pa.string()))
+        )
 
 
 class ModelStage:
-    """One `SentimentClassifier` per actor; ``__call__`` scores a pyarrow column batch."""
+    """Token windows to predictions: one `SentimentClassifier` per actor, on the device Ray reserved for it."""
 
     def __init__(self, config: ModelConfig, actor_log: Any = None) -> None:
         import ray
         import torch
 
         self.classifier = SentimentClassifier(config, reserved_gpus=ray.get_gpu_ids())
+        self.actor_log = actor_log
+        self.key = f"{ray.get_runtime_context().get_actor_id()}"
+        self.rows = 0
+        self.started = time.perf_counter()
         if actor_log is not None:
             entry = {
                 **self.classifier.describe(),
@@ -46,7 +105,39 @@ class ModelStage:
                 "node_id": ray.get_runtime_context().get_node_id(),
                 "pid": os.getpid(),
             }
-            ray.get(actor_log.add.remote(entry))
+            ray.get(actor_log.add.remote(self.key, entry))
 
-    def __call__(self, batch: pa.Table) -> pa.Table | dict[str, Any]:
-        return self.classifier(batch)
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        windows = batch.column(WINDOWS).to_pylist()
+        num_tokens = batch.column(NUM_TOKENS).to_pylist()
+        truncated = batch.column(TRUNCATED).to_pylist()
+        errors: list[str | None] = batch.column(ROW_ERROR).to_pylist()
+        valid = [index for index, error in enumerate(errors) if error is None]
+        encoded = [EncodedText(windows[i], num_tokens[i], truncated[i]) for i in valid]
+        try:
+            scored: list[Prediction | None] = list(self.classifier.predict_encoded(encoded))
+        except DeviceMemoryError as exc:
+            # Only the rows that do not fit alone fail; the rest of the batch keeps its predictions.
+            scored = exc.partial
+            for position in exc.failed:
+                errors[valid[position]] = str(exc)
+        predictions: list[Prediction | None] = [None] * batch.num_rows
+        for index, prediction in zip(valid, scored, strict=True):
+            predictions[index] = prediction
+        self.rows += batch.num_rows
+        self._report()
+        return with_predictions(batch.drop_columns(list(STAGE_COLUMNS)), predictions, errors, self.classifier.labels)
+
+    def _report(self) -> None:
+        if self.actor_log is None:
+            return
+        import ray
+
+        counts = {
+            "rows": self.rows,
+            "tokens_run": self.classifier.tokens_run,
+            "tokens_padded": self.classifier.tokens_padded,
+            "seconds": time.perf_counter() - self.started,
+        }
+        # Waited for, so the log holds every batch's counts once the dataset has finished.
+        ray.get(self.actor_log.progress.remote(self.key, counts))

@@ -4,8 +4,9 @@ It loads a Hugging Face sequence-classification checkpoint, cuts long texts by a
 strategy, packs inputs into batches under a token budget (sorted by length, each batch padded only
 to its own longest member) and returns one `Prediction` per text in input order.
 
-Ray is never imported here: a Ray Data actor uses `__call__` on column batches, a Serve replica
-awaits `apredict`, and both are plain Python.
+Ray and Arrow are never imported here: a Serve replica awaits `apredict_encoded`, the batch job's
+model stage (`pipelines.stage`) calls `predict_encoded` on texts its tokenize stage encoded, and
+both convert to and from their transports themselves.
 """
 
 from __future__ import annotations
@@ -13,28 +14,23 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pyarrow as pa
 
 from sentiment.config import LongTextStrategy, ModelConfig, auto_max_batch_tokens
 from sentiment.devices import resolve_device, resolve_dtype
-from sentiment.errors import DeviceMemoryError, InvalidInputError, ModelLoadError
-from sentiment.labels import resolve_labels
-from sentiment.windows import content_windows
+from sentiment.encoding import EncodedText, TextEncoder
+from sentiment.errors import DeviceMemoryError
+from sentiment.loading import load_model
 
 if TYPE_CHECKING:
     import torch
 
 logger = logging.getLogger(__name__)
-
-# Output columns of `__call__`, besides one `score_<label>` column per label.
-PREDICTION_COLUMNS = ("label", "score", "num_tokens", "truncated", "error")
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,15 +50,6 @@ class Prediction:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-@dataclass(frozen=True, slots=True)
-class EncodedText:
-    """One text as model inputs: one or more windows of token ids, special tokens included."""
-
-    windows: list[list[int]]
-    num_tokens: int
-    truncated: bool
 
 
 def plan_batches(lengths: Sequence[int], max_batch_tokens: int, max_batch_size: int) -> list[list[int]]:
@@ -85,16 +72,6 @@ def plan_batches(lengths: Sequence[int], max_batch_tokens: int, max_batch_size: 
     if current:
         batches.append(current)
     return batches
-
-
-def validate_texts(texts: Any, field: str = "texts") -> list[str]:
-    """Return ``texts`` as a list of strings, or raise `InvalidInputError` naming the bad item."""
-    if isinstance(texts, str) or not isinstance(texts, Sequence):
-        raise InvalidInputError(f"{field} must be a list of strings, got {type(texts).__name__}")
-    for index, text in enumerate(texts):
-        if not isinstance(text, str):
-            raise InvalidInputError(f"{field}[{index}] must be a string, got {type(text).__name__}")
-    return list(texts)
 
 
 class SentimentClassifier:
@@ -135,25 +112,25 @@ class SentimentClassifier:
                 self.gpu_memory_cap_bytes = int(total * self.config.gpu_memory_fraction)
         self.oom_splits = 0
         """Forward passes split in two after running out of GPU memory, since this classifier loaded."""
-        self.tokenizer, self.model = _load_checkpoint(self.config, self.dtype)
+        self.encoder = TextEncoder(self.config)
+        self.model = load_model(self.config, self.dtype)
         self.model.to(self.device)
         self.model.eval()
-
-        model_config = self.model.config
-        self.labels: list[str] = resolve_labels(model_config.id2label, model_config.num_labels, self.config.labels)
-        self.max_length = _effective_max_length(self.config.max_length, model_config, self.tokenizer)
-        self._prefix, self._suffix = _special_tokens_around(self.tokenizer)
-        self.max_content = self.max_length - len(self._prefix) - len(self._suffix)
-        # head_tokens is meant for BERT's 510 content tokens (Sun et al.'s 128 + 382); a shorter
-        # limit keeps the same proportion rather than failing on the default.
-        self.head_tokens = min(self.config.head_tokens, round(self.config.head_tokens * self.max_content / 510))
+        self.tokenizer = self.encoder.tokenizer
+        self.labels = self.encoder.labels
+        self.max_length = self.encoder.max_length
+        self.max_content = self.encoder.max_content
+        self.head_tokens = self.encoder.head_tokens
+        self.tokens_run = 0
+        """Tokens of the sequences run through the model (padding not counted), since this classifier loaded."""
+        self.tokens_padded = 0
+        """The same, padding included: ``1 - tokens_run / tokens_padded`` is the share spent on padding."""
         self.max_batch_tokens: int = (
             auto_max_batch_tokens(self.device.type, _DTYPE_NAMES[str(self.dtype)])
             if self.config.max_batch_tokens == "auto"
             else int(self.config.max_batch_tokens)
         )
-        pad_id = self.tokenizer.pad_token_id
-        self._pad_id = 0 if pad_id is None else int(pad_id)
+        self._pad_id = self.encoder.pad_id
         # One worker each: forward passes are serialized anyway (they share the cores or the GPU),
         # and fast tokenizers raise "Already borrowed" when one instance is used from two threads,
         # so the async API tokenizes only on its tokenizer thread and never on the model thread.
@@ -191,36 +168,8 @@ class SentimentClassifier:
     # -- encoding ----------------------------------------------------------------------------
 
     def encode(self, texts: Sequence[str], long_text: LongTextStrategy | None = None) -> list[EncodedText]:
-        """Tokenize texts and cut each into the windows the model will see."""
-        texts = validate_texts(texts)
-        strategy = long_text or self.config.long_text
-        if not texts:
-            return []
-        ids_per_text = self.tokenizer(
-            texts,
-            add_special_tokens=False,
-            truncation=False,
-            return_attention_mask=False,
-            return_token_type_ids=False,
-            verbose=False,
-        )["input_ids"]
-        encoded = []
-        for ids in ids_per_text:
-            windows = content_windows(
-                ids,
-                self.max_content,
-                strategy,
-                head_tokens=self.head_tokens,
-                chunk_stride=self.config.chunk_stride,
-            )
-            encoded.append(
-                EncodedText(
-                    windows=[self._prefix + window + self._suffix for window in windows],
-                    num_tokens=len(ids) + len(self._prefix) + len(self._suffix),
-                    truncated=len(ids) > self.max_content,
-                )
-            )
-        return encoded
+        """Tokenize texts and cut each into the windows the model will see (see `TextEncoder.encode`)."""
+        return self.encoder.encode(texts, long_text)
 
     # -- inference ---------------------------------------------------------------------------
 
@@ -236,6 +185,8 @@ class SentimentClassifier:
         lengths = [len(sequence) for sequence in sequences]
         failed: list[int] = []
         for batch in plan_batches(lengths, self.max_batch_tokens, self.config.max_batch_size):
+            self.tokens_run += sum(lengths[i] for i in batch)
+            self.tokens_padded += len(batch) * lengths[batch[0]]  # longest first
             failed += self._forward_splitting(batch, sequences, probabilities)
         if failed:
             message = self._memory_message(max(lengths[i] for i in failed))
@@ -367,85 +318,6 @@ class SentimentClassifier:
         """Run one forward pass at the maximum length, so the first real request is not the slow one."""
         self.forward([[self._pad_id] * self.max_length])
 
-    # -- column batches (Ray Data) --------------------------------------------------------------
-
-    def __call__(self, batch: pa.Table | Mapping[str, Any]) -> pa.Table | dict[str, np.ndarray]:
-        """Predict on a column batch: the input columns plus the prediction columns.
-
-        Takes a pyarrow Table or a dict of arrays (Ray Data's ``pyarrow`` and ``numpy`` batch
-        formats) and returns the same kind. A null, empty or non-string text does not fail the
-        batch: its row gets ``error`` set and null predictions. Input columns whose names clash
-        with prediction columns are kept as ``input_<name>``.
-        """
-        column = self.config.text_column
-        if column not in (batch.column_names if isinstance(batch, pa.Table) else batch):
-            names = batch.column_names if isinstance(batch, pa.Table) else list(batch)
-            raise InvalidInputError(f"text column {column!r} not found; columns are {names}")
-        values = batch.column(column).to_pylist() if isinstance(batch, pa.Table) else list(batch[column])
-
-        errors: list[str | None] = [_row_error(value) for value in values]
-        valid = [i for i, error in enumerate(errors) if error is None]
-        predictions: list[Prediction | None] = [None] * len(values)
-        try:
-            scored: list[Prediction | None] = list(self.predict([values[i] for i in valid]))
-        except DeviceMemoryError as exc:
-            # Only the rows that do not fit alone fail; the rest of the batch keeps its predictions.
-            scored = exc.partial
-            for position in exc.failed:
-                errors[valid[position]] = str(exc)
-        for i, prediction in zip(valid, scored, strict=True):
-            predictions[i] = prediction
-        outputs = self._prediction_columns(predictions, errors)
-
-        if isinstance(batch, pa.Table):
-            table = batch.rename_columns([_input_name(name, outputs) for name in batch.column_names])
-            for name, array in outputs.items():
-                table = table.append_column(name, array)
-            return table
-        result = {_input_name(name, outputs): np.asarray(array) for name, array in batch.items()}
-        result.update({name: array.to_numpy(zero_copy_only=False) for name, array in outputs.items()})
-        return result
-
-    def output_schema(self) -> pa.Schema:
-        """Types of the prediction columns that `__call__` appends."""
-        fields = [pa.field("label", pa.string()), pa.field("score", pa.float64())]
-        fields += [pa.field(f"score_{label}", pa.float64()) for label in self.labels]
-        fields += [
-            pa.field("num_tokens", pa.int64()),
-            pa.field("truncated", pa.bool_()),
-            pa.field("error", pa.string()),
-        ]
-        return pa.schema(fields)
-
-    def _prediction_columns(
-        self, predictions: list[Prediction | None], errors: list[str | None]
-    ) -> dict[str, pa.Array]:
-        schema = self.output_schema()
-        rows: dict[str, list[Any]] = {
-            "label": [p.label if p else None for p in predictions],
-            "score": [p.score if p else None for p in predictions],
-        }
-        for label in self.labels:
-            rows[f"score_{label}"] = [p.scores[label] if p else None for p in predictions]
-        rows["num_tokens"] = [p.num_tokens if p else None for p in predictions]
-        rows["truncated"] = [p.truncated if p else None for p in predictions]
-        rows["error"] = errors
-        return {name: pa.array(rows[name], type=schema.field(name).type) for name in schema.names}
-
-
-def _row_error(value: Any) -> str | None:
-    if value is None:
-        return "text is null"
-    if not isinstance(value, str):
-        return f"text must be a string, got {type(value).__name__}"
-    if not value.strip():
-        return "text is empty"
-    return None
-
-
-def _input_name(name: str, outputs: Mapping[str, Any]) -> str:
-    return f"input_{name}" if name in outputs else name
-
 
 # -- loading -----------------------------------------------------------------------------------
 
@@ -456,72 +328,3 @@ def _torch_dtype(name: str) -> torch.dtype:
     import torch
 
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
-
-
-def _looks_like_path(model_id: str) -> bool:
-    # Hub ids are "name" or "org/name"; anything else with slashes, or rooted, is meant as a path.
-    return model_id.startswith((".", "/", "~")) or model_id.count("/") > 1 or (os.sep != "/" and os.sep in model_id)
-
-
-def _load_checkpoint(config: ModelConfig, dtype: torch.dtype) -> tuple[Any, Any]:
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    source = config.model_id
-    local = Path(source).expanduser()
-    if local.is_dir():
-        source = str(local)
-    elif _looks_like_path(source):
-        raise ModelLoadError(f"model directory {source} does not exist")
-    common: dict[str, Any] = {
-        "revision": None if local.is_dir() else config.revision,
-        "local_files_only": config.local_files_only,
-        # Never run code shipped with a checkpoint.
-        "trust_remote_code": False,
-    }
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source, use_fast=True, **common)
-        model = AutoModelForSequenceClassification.from_pretrained(
-            source,
-            dtype=dtype,
-            attn_implementation="sdpa",
-            # safetensors is preferred when both exist; a .bin-only checkpoint goes through
-            # torch.load(weights_only=True), which refuses arbitrary pickled objects.
-            weights_only=True,
-            **common,
-        )
-    except Exception as exc:
-        raise ModelLoadError(
-            f"could not load model {config.model_id!r}"
-            + (f" (revision {config.revision})" if config.revision else "")
-            + f": {type(exc).__name__}: {exc}\n"
-            "To run without network access, point model_id (--model) at a local directory holding "
-            "config.json, the tokenizer files and model.safetensors (e.g. one written by "
-            "`huggingface-cli download <id> --local-dir <dir>` or `save_pretrained`), and set "
-            "HF_HUB_OFFLINE=1."
-        ) from exc
-    if not getattr(tokenizer, "is_fast", False):
-        raise ModelLoadError(f"model {config.model_id!r} has no fast tokenizer (tokenizer.json); one is required")
-    return tokenizer, model
-
-
-def _special_tokens_around(tokenizer: Any) -> tuple[list[int], list[int]]:
-    """The ids the tokenizer puts before and after a single text ([CLS] and [SEP] for BERT)."""
-    for probe in ("a", "the", "x", "0"):
-        bare = tokenizer(probe, add_special_tokens=False)["input_ids"]
-        full = tokenizer(probe, add_special_tokens=True)["input_ids"]
-        for start in range(len(full) - len(bare) + 1):
-            if bare and full[start : start + len(bare)] == bare:
-                return list(full[:start]), list(full[start + len(bare) :])
-    raise ModelLoadError("cannot tell which special tokens the tokenizer adds around a text")
-
-
-def _effective_max_length(configured: int, model_config: Any, tokenizer: Any) -> int:
-    limits = [configured]
-    positions = getattr(model_config, "max_position_embeddings", None)
-    if isinstance(positions, int) and positions > 0:
-        limits.append(positions)
-    tokenizer_limit = getattr(tokenizer, "model_max_length", None)
-    # Tokenizers without a limit report a huge sentinel (int(1e30)); ignore those.
-    if isinstance(tokenizer_limit, int) and 0 < tokenizer_limit < 1_000_000:
-        limits.append(tokenizer_limit)
-    return min(limits)

@@ -13,11 +13,20 @@ from sentiment.model import SentimentClassifier
 def test_predict_prints_one_json_object_per_text(
     tiny_checkpoint: Path, classifier: SentimentClassifier, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    texts = ["a wonderful film", "the worst movie", ""]
+    texts = ["a wonderful film", "the worst movie"]
     assert main(["predict", *texts, "--model", str(tiny_checkpoint)]) == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [line["label"] for line in lines] == [p.label for p in classifier.predict(texts)]
     assert set(lines[0]) == {"label", "score", "scores", "num_tokens", "truncated"}
+
+
+def test_predict_refuses_an_empty_text_as_http_and_batch_do(
+    tiny_checkpoint: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["predict", "a wonderful film", " ", "--model", str(tiny_checkpoint)]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert "texts[1] is empty" in captured.err
 
 
 def test_flags_override_the_config_file(

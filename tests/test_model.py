@@ -7,7 +7,6 @@ import random
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -138,12 +137,11 @@ def test_output_order_equals_input_order(classifier: SentimentClassifier) -> Non
         assert a.scores == pytest.approx(b.scores, abs=1e-5)
 
 
-def test_empty_string_gets_a_defined_prediction(classifier: SentimentClassifier) -> None:
-    (prediction,) = classifier.predict([""])
-    assert prediction.label in ("neg", "pos")
-    assert prediction.num_tokens == 2
-    assert prediction.truncated is False
-    assert sum(prediction.scores.values()) == pytest.approx(1.0, abs=1e-6)
+@pytest.mark.parametrize("text", ["", "   ", "\n\t  \r"])
+def test_an_empty_text_is_refused_naming_it(classifier: SentimentClassifier, text: str) -> None:
+    # The same rule as HTTP (400 "texts[1] is empty") and the batch job (the row's error "text is empty").
+    with pytest.raises(InvalidInputError, match=r"^texts\[1\] is empty$"):
+        classifier.predict(["a fine film", text])
 
 
 def test_empty_list_gives_no_predictions(classifier: SentimentClassifier) -> None:
@@ -152,7 +150,7 @@ def test_empty_list_gives_no_predictions(classifier: SentimentClassifier) -> Non
 
 @pytest.mark.parametrize(
     "text",
-    ["a film 😀🎬 loved it", "电影很好看", "שלום עולם סרט נהדר", "bad\x00\x07\x1b[31m film\u200b\u202e", "\n\t  \r"],
+    ["a film 😀🎬 loved it", "电影很好看", "שלום עולם סרט נהדר", "bad\x00\x07\x1b[31m film\u200b\u202e"],
 )
 def test_unicode_and_control_characters_get_predictions(
     classifier: SentimentClassifier, reference: Reference, text: str
@@ -168,7 +166,7 @@ def test_unicode_and_control_characters_get_predictions(
     ("texts", "message"),
     [
         (["ok", 3], r"texts\[1\] must be a string, got int"),
-        (["ok", None], r"texts\[1\] must be a string, got NoneType"),
+        (["ok", None], r"texts\[1\] is null"),
         ("just a string", "texts must be a list of strings"),
     ],
 )
@@ -218,43 +216,6 @@ def test_plan_batches_respects_budget_and_places_every_input_once() -> None:
 
 def test_plan_batches_runs_an_oversized_input_alone() -> None:
     assert plan_batches([10, 900, 10], max_batch_tokens=100, max_batch_size=8) == [[1], [0, 2]]
-
-
-def test_column_batch_keeps_columns_and_marks_bad_rows(classifier: SentimentClassifier) -> None:
-    table = pa.table({"id": [1, 2, 3, 4], "text": ["good film", None, "  ", "bad film"], "label": ["pos"] * 4})
-    out = classifier(table)
-    assert isinstance(out, pa.Table)
-    assert out.column_names == [
-        "id",
-        "text",
-        "input_label",
-        "label",
-        "score",
-        "score_neg",
-        "score_pos",
-        "num_tokens",
-        "truncated",
-        "error",
-    ]
-    assert out.column("error").to_pylist() == [None, "text is null", "text is empty", None]
-    assert out.column("label").to_pylist()[1:3] == [None, None]
-    direct = classifier.predict(["good film", "bad film"])
-    assert out.column("label").to_pylist()[0::3] == [p.label for p in direct]
-    assert out.column("score_pos").to_pylist()[0::3] == pytest.approx([p.scores["pos"] for p in direct], abs=1e-6)
-    assert out.schema.field("num_tokens").type == pa.int64()
-
-
-def test_column_batch_as_dict_of_arrays(classifier: SentimentClassifier) -> None:
-    out = classifier({"text": np.array(["good film", 7, "bad"], dtype=object), "id": np.array([5, 6, 7])})
-    assert isinstance(out, dict)
-    assert list(out["id"]) == [5, 6, 7]
-    assert list(out["error"]) == [None, "text must be a string, got int", None]
-    assert out["label"][1] is None
-
-
-def test_column_batch_without_the_text_column_names_it(classifier: SentimentClassifier) -> None:
-    with pytest.raises(InvalidInputError, match="text column 'text' not found; columns are \\['review'\\]"):
-        classifier(pa.table({"review": ["x"]}))
 
 
 async def _apredict(classifier: SentimentClassifier, texts: list[str]) -> list[str]:
@@ -363,20 +324,3 @@ def test_only_an_input_that_does_not_fit_alone_fails_and_the_others_are_answered
     np.testing.assert_allclose(
         score_rows([p for p in partial if p]), score_rows([want[0], want[2], want[3]]), atol=1e-5
     )
-
-
-def test_a_column_batch_marks_only_the_row_that_does_not_fit(
-    classifier: SentimentClassifier, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    batch = pa.table({"text": ["a fine film", " ".join(["dull"] * 300), None], "id": [1, 2, 3]})
-    inject_oom(monkeypatch, classifier, lambda batch: max(len(sequence) for sequence in batch) < 100)
-    out = classifier(batch)
-    assert isinstance(out, pa.Table)
-    errors = out.column("error").to_pylist()
-    assert errors[0] is None
-    assert errors[1] is not None
-    assert "does not fit in cpu memory even alone" in errors[1]
-    assert errors[2] == "text is null"
-    assert out.column("label").to_pylist()[0] in ("neg", "pos")
-    assert out.column("label").to_pylist()[1:] == [None, None]
-    assert out.column("id").to_pylist() == [1, 2, 3]
