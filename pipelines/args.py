@@ -40,8 +40,15 @@ class PipelineArgs(BaseModel):
             "is read either way, but written only when kept."
         ),
     )
-    min_actors: int = Field(1, ge=1, description="Fewest model actors in the pool.")
-    max_actors: int = Field(1, ge=1, description="Most model actors in the pool; Ray Data scales between the two.")
+    min_actors: int | None = Field(None, ge=1, description="Fewest model actors in the pool. None: 1.")
+    max_actors: int | None = Field(
+        None,
+        ge=1,
+        description=(
+            "Most model actors in the pool; Ray Data scales between the two. None: one per GPU the cluster "
+            "has (or its autoscaler can add) with GPU actors, else one per node."
+        ),
+    )
     num_gpus: Annotated[float, Field(ge=0)] | Literal["auto"] = Field(
         "auto",
         description=(
@@ -56,25 +63,17 @@ class PipelineArgs(BaseModel):
         None,
         ge=1,
         description=(
-            "Threads each actor's forward pass uses on CPU (its OMP_NUM_THREADS). None: Ray's default, the "
-            "actor's num_cpus. On a small machine, one actor with all cores as threads beats one per core."
+            "Threads each CPU model actor's forward pass uses (its OMP_NUM_THREADS). None: every core of its "
+            "node (Ray would give it one thread per reserved CPU, so a default of one)."
         ),
     )
     batch_size: int = Field(
-        256,
+        1024,
         ge=1,
         description=(
-            "Rows per call of the model actor. The classifier sorts each call's rows by length and packs "
-            "them under model.max_batch_tokens, so larger calls waste less on padding."
-        ),
-    )
-    output_file_bytes: int | None = Field(
-        32 * 2**20,
-        ge=1,
-        description=(
-            "Gather output rows until about this many bytes (in memory, before compression) before writing "
-            "a file. None: one file per model batch. Bigger files suit downstream readers; smaller ones are "
-            "written sooner, so an interrupted run has more complete input files to resume from."
+            "Rows per model call, and per slice: the unit the job reads, writes as one output file and, after "
+            "a crash, re-does. The classifier sorts a call's rows by length and packs them under "
+            "model.max_batch_tokens, so bigger calls pad less; smaller ones lose less to a crash."
         ),
     )
     overwrite: bool = Field(False, description="Replace an output directory that already holds results.")
@@ -84,6 +83,16 @@ class PipelineArgs(BaseModel):
             "Continue an interrupted run: keep the outputs of input files that are complete, process the rest."
         ),
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed_fields(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "output_file_bytes" in data:
+            raise ValueError(
+                "output_file_bytes is gone: the job writes one file per slice of batch_size rows (--batch-size), "
+                "so that a crash re-does only the slices in flight"
+            )
+        return data
 
     @field_validator("input")
     @classmethod
@@ -106,7 +115,7 @@ class PipelineArgs(BaseModel):
 
     @model_validator(mode="after")
     def _check_consistency(self) -> PipelineArgs:
-        if self.min_actors > self.max_actors:
+        if self.min_actors is not None and self.max_actors is not None and self.min_actors > self.max_actors:
             raise ValueError(f"min_actors ({self.min_actors}) exceeds max_actors ({self.max_actors})")
         if self.overwrite and self.resume:
             raise ValueError("give either overwrite (start over) or resume (continue), not both")

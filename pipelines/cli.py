@@ -23,7 +23,6 @@ _PIPELINE_FLAGS = {
     "num_cpus": "num_cpus",
     "cpu_threads": "cpu_threads",
     "batch_size": "batch_size",
-    "output_file_bytes": "output_file_bytes",
 }
 
 
@@ -82,9 +81,10 @@ def _add_pool_arguments(parser: argparse.ArgumentParser) -> None:
         help="GPUs per actor, e.g. 0.25, or 'auto': 1 when the cluster has GPUs, else 0 (default: auto)",
     )
     group.add_argument("--num-cpus", type=float, help="logical CPUs per actor (default: 1)")
-    group.add_argument("--cpu-threads", type=int, help="torch threads per CPU actor (default: its num-cpus)")
-    group.add_argument("--batch-size", type=int, help="rows per model call (default: 256)")
-    group.add_argument("--output-file-bytes", type=int, help="gather about this many bytes per output file")
+    group.add_argument("--cpu-threads", type=int, help="torch threads per CPU model actor (default: every core)")
+    group.add_argument(
+        "--batch-size", type=int, help="rows per model call, output file and resumable slice (default: 1024)"
+    )
     add_model_arguments(parser)
 
 

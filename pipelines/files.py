@@ -63,6 +63,8 @@ class ParquetInput:
     rows: int
     size: int
     schema: pa.Schema
+    row_groups: tuple[int, ...] = ()
+    """Rows of each row group, in order."""
 
 
 def locate(spec: str) -> Location:
@@ -125,6 +127,7 @@ def read_footers(files: Sequence[Location]) -> list[ParquetInput]:
                     rows=metadata.num_rows,
                     size=handle.size(),
                     schema=metadata.schema.to_arrow_schema(),
+                    row_groups=tuple(metadata.row_group(i).num_rows for i in range(metadata.num_row_groups)),
                 )
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
             raise InvalidInputError(f"{location.uri} is not a readable Parquet file: {exc}") from exc

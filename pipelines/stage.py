@@ -93,6 +93,8 @@ class ModelStage:
         import ray
         import torch
 
+        # Never more torch threads than cores: OMP_NUM_THREADS comes from logical CPUs, which may exceed them.
+        torch.set_num_threads(max(1, min(torch.get_num_threads(), os.cpu_count() or 1)))
         self.classifier = SentimentClassifier(config, reserved_gpus=ray.get_gpu_ids())
         self.actor_log = actor_log
         self.key = f"{ray.get_runtime_context().get_actor_id()}"

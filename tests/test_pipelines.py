@@ -26,14 +26,15 @@ import pytest
 import torch
 
 from benchmarks.corpus import write_corpus
-from pipelines.args import PipelineArgs
+from pipelines.args import PipelineArgs, parse_pipeline_args
 from pipelines.batch import (
     STAGING_SUFFIX,
     BatchJobError,
-    _commit,
+    commit,
     format_summary,
     map_batches_options,
     plan_inputs,
+    pool_sizes,
     run,
     with_labels,
 )
@@ -143,14 +144,20 @@ def test_output_has_the_documented_schema_and_layout(scored: tuple[Path, str], c
     ]
     names = sorted(path.name for path in out.iterdir())
     assert names[:3] == ["_SUCCESS", "_manifest.json", "_report.json"]
-    # Inputs are numbered in path order; the empty file (index 1) has no output part.
-    assert {re.sub(r"-\d{4}\.parquet$", "", name) for name in names[3:]} == {
-        "part-00000-bad-rows",
-        "part-00002-numbers",
-        "part-00003-part-00000",
-        "part-00004-part-00001",
-        "part-00005-part-00002",
+    # Inputs are numbered in path order, slices within each; the empty file (index 1) has no output part.
+    # 32 rows per slice: the corpus files of 80 rows have 3 slices each.
+    assert {re.sub(r"^(part-\d{5})-\d{5}-", r"\1-N-", name) for name in names[3:]} == {
+        "part-00000-N-bad-rows.parquet",
+        "part-00002-N-numbers.parquet",
+        "part-00003-N-part-00000.parquet",
+        "part-00004-N-part-00001.parquet",
+        "part-00005-N-part-00002.parquet",
     }
+    assert sorted(name for name in names if name.startswith("part-00003-")) == [
+        "part-00003-00000-part-00000.parquet",
+        "part-00003-00001-part-00000.parquet",
+        "part-00003-00002-part-00000.parquet",
+    ]
     assert not Path(str(out) + STAGING_SUFFIX).exists()
 
 
@@ -293,7 +300,7 @@ def test_overwrite_replaces_results_with_the_kept_columns(
     table = read_sorted(out)
     assert table.column_names == ["id", *OUTPUT_COLUMNS[3:]]
     assert table.column("id").to_pylist() == [*range(80), *range(160, 240)]
-    assert sorted(path.name for path in out.glob("*.parquet"))[0].startswith("part-00000-part-00000-")
+    assert sorted(path.name for path in out.glob("*.parquet"))[0].startswith("part-00000-00000-part-00000")
     assert not list(out.glob("*bad-rows*"))
 
 
@@ -310,7 +317,7 @@ def test_map_batches_runs_the_shared_class_on_an_actor_pool(tiny_checkpoint: Pat
         batch_size=128,
         cpu_threads=2,
     )
-    options = map_batches_options(args, args.actor_gpus(cluster_gpus=0), actor_log=None)
+    options = map_batches_options(args, pool_sizes(args, cluster_gpus=0, node_cpus=[4]), actor_log=None)
     compute = options.pop("compute")
     assert isinstance(compute, ActorPoolStrategy)
     assert (compute.min_size, compute.max_size) == (2, 8)
@@ -326,6 +333,29 @@ def test_map_batches_runs_the_shared_class_on_an_actor_pool(tiny_checkpoint: Pat
         "udf_modifying_row_count": False,
         "runtime_env": {"env_vars": {"OMP_NUM_THREADS": "2"}},
     }
+
+
+def test_default_pools_use_every_core_on_cpus_and_one_actor_per_gpu() -> None:
+    args = PipelineArgs(model=ABSENT_MODEL, input="in", output="out")
+    on_cpus = pool_sizes(args, cluster_gpus=0, node_cpus=[2])
+    assert (on_cpus.num_gpus, on_cpus.min_actors, on_cpus.max_actors, on_cpus.cpu_threads) == (0.0, 1, 1, 2)
+    assert on_cpus.tokenize_actors == 1
+    # Three CPU nodes: an actor each, with as many threads as the smallest node has cores.
+    assert (pool_sizes(args, 0, [16, 16, 8]).max_actors, pool_sizes(args, 0, [16, 16, 8]).cpu_threads) == (3, 8)
+    on_gpus = pool_sizes(args, cluster_gpus=4, node_cpus=[8, 32, 32])
+    assert (on_gpus.num_gpus, on_gpus.min_actors, on_gpus.max_actors, on_gpus.cpu_threads) == (1.0, 1, 4, None)
+    assert on_gpus.tokenize_actors == 16
+    # GPU nodes that start at zero: sized by what the autoscaler can add.
+    from_zero = pool_sizes(args.model_copy(update={"num_gpus": 1.0}), 0, [8], launchable_gpus=4)
+    assert (from_zero.min_actors, from_zero.max_actors, from_zero.tokenize_actors) == (1, 4, 4)
+    # Flags win.
+    fixed = pool_sizes(args.model_copy(update={"min_actors": 2, "max_actors": 2, "cpu_threads": 3}), 0, [16])
+    assert (fixed.min_actors, fixed.max_actors, fixed.cpu_threads) == (2, 2, 3)
+
+
+def test_output_file_bytes_is_refused_with_what_replaced_it() -> None:
+    with pytest.raises(InvalidInputError, match="output_file_bytes is gone: the job writes one file per slice"):
+        parse_pipeline_args({"input": "in", "output": "out", "output_file_bytes": 1})
 
 
 # -- checks that fail before any model loads (the model path does not even exist) ---------------
@@ -376,8 +406,8 @@ def test_columns_that_cannot_be_read_together_are_named(tmp_path: Path) -> None:
         checked(tmp_path, str(tmp_path))
     with pytest.raises(InvalidInputError, match=r"a.parquet has no column 'title' \(from keep\)"):
         checked(tmp_path, str(tmp_path), keep=["title"])
-    pq.write_table(pa.table({"path": ["/x"], "text": ["c"]}), tmp_path / "c.parquet")
-    with pytest.raises(InvalidInputError, match=r"input column 'path' clashes with a column the batch job adds"):
+    pq.write_table(pa.table({"__slice": ["/x"], "text": ["c"]}), tmp_path / "c.parquet")
+    with pytest.raises(InvalidInputError, match=r"input column '__slice' clashes with a column the batch job adds"):
         checked(tmp_path, str(tmp_path / "c.parquet"))
     pq.write_table(pa.table({"id": [2], "text": ["d"], "stars": [5]}), tmp_path / "d.parquet")
     with pytest.raises(InvalidInputError, match=r"d.parquet has columns \['id', 'text', 'stars'\] but .*a.parquet has"):
@@ -437,26 +467,26 @@ def test_row_count_mismatch_fails_loudly_and_moves_nothing(tmp_path: Path) -> No
     from pipelines.files import locate
 
     staging = tmp_path / "out.staging"
-    (staging / "__source_file=00000").mkdir(parents=True)
-    pq.write_table(pa.table({"id": list(range(9))}), staging / "__source_file=00000" / "x-0.parquet")
+    (staging / "__slice=00000-00000").mkdir(parents=True)
+    pq.write_table(pa.table({"id": list(range(9))}), staging / "__slice=00000-00000" / "x-0.parquet")
     with pytest.raises(BatchJobError, match=r"part-00000.parquet: 10 rows in, 9 out"):
-        _commit(locate(str(staging)), locate(str(tmp_path / "out")), plan)
+        commit(locate(str(staging)), locate(str(tmp_path / "out")), plan)
     assert not (tmp_path / "out").exists()
-    assert [p.name for p in staging.iterdir()] == ["part-00000-part-00000-0000.parquet"]
+    assert [p.name for p in staging.iterdir()] == ["part-00000-00000-part-00000.parquet"]
 
 
 # -- resume after a real interruption --------------------------------------------------------------
 
 
-def complete_inputs(staging: Path, rows_per_file: int) -> int:
-    """Input files whose partition in staging already holds all their rows in readable files."""
+def complete_slices(staging: Path, rows_per_slice: int) -> int:
+    """Slices whose partition in staging already holds all their rows in readable files."""
     complete = 0
-    for partition in staging.glob("__source_file=*"):
+    for partition in staging.glob("__slice=*"):
         try:
             rows = sum(pq.ParquetFile(path).metadata.num_rows for path in partition.iterdir())
         except (OSError, pa.ArrowInvalid):
             continue
-        complete += rows == rows_per_file
+        complete += rows == rows_per_slice
     return complete
 
 
@@ -468,15 +498,16 @@ def wait_for_free_cpus(ray: Any, cpus: float, timeout_s: float) -> None:
         time.sleep(0.2)
 
 
-def test_resume_after_a_killed_run_writes_every_row_once(
+def test_a_one_file_corpus_killed_midway_resumes_from_its_complete_slices(
     ray_session: Any, tmp_path: Path, tiny_checkpoint: Path, classifier: SentimentClassifier
 ) -> None:
-    files, rows_per_file = 12, 60
-    write_corpus(tmp_path / "in", rows=files * rows_per_file, files=files, seed=9)
+    rows, rows_per_slice = 720, 4
+    slices = rows // rows_per_slice
+    write_corpus(tmp_path / "in", rows=rows, files=1, seed=9)
     out = tmp_path / "out"
     staging = tmp_path / ("out" + STAGING_SUFFIX)
-    # Small calls, small files and one text per forward pass: a run long enough to kill midway.
-    flags = ["--model", str(tiny_checkpoint), "--batch-size", "4", "--output-file-bytes", "1", "--max-batch-size", "1"]
+    # Small slices and one text per forward pass: a run long enough to kill midway.
+    flags = ["--model", str(tiny_checkpoint), "--batch-size", str(rows_per_slice), "--max-batch-size", "1"]
     env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
     log = tmp_path / "killed-run.log"
     with log.open("w") as sink:
@@ -490,28 +521,50 @@ def test_resume_after_a_killed_run_writes_every_row_once(
         )
         try:
             deadline = time.monotonic() + 180
-            while complete_inputs(staging, rows_per_file) == 0:
+            while complete_slices(staging, rows_per_slice) < 3:
                 if process.poll() is not None:
                     pytest.fail(f"the run ended (status {process.returncode}) before it was killed:\n{log.read_text()}")
                 if time.monotonic() > deadline:
-                    pytest.fail(f"no input file was complete after 180 s:\n{log.read_text()}")
+                    pytest.fail(f"fewer than 3 slices were complete after 180 s:\n{log.read_text()}")
                 time.sleep(0.05)
         finally:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait(timeout=60)
     wait_for_free_cpus(ray_session, 8, timeout_s=60)
     assert not out.exists()
-    done_before = complete_inputs(staging, rows_per_file)
-    assert 1 <= done_before < files
+    done_before = complete_slices(staging, rows_per_slice)
+    assert 3 <= done_before < slices
 
     args = PipelineArgs(
-        model=ModelConfig(model_id=str(tiny_checkpoint)), input=str(tmp_path / "in"), output=str(out), resume=True
+        model=ModelConfig(model_id=str(tiny_checkpoint)),
+        input=str(tmp_path / "in"),
+        output=str(out),
+        resume=True,
+        batch_size=rows_per_slice,  # the slicing of the interrupted run
     )
     result = run(args)
-    assert result.skipped_files == done_before
-    assert (result.rows, result.processed_rows) == (files * rows_per_file, (files - done_before) * rows_per_file)
+    # Only the slices the kill cut short are scored again: the one file is not redone whole.
+    assert (result.slices, result.skipped_slices) == (slices, done_before)
+    assert (result.rows, result.processed_rows) == (rows, rows - done_before * rows_per_slice)
     table = read_sorted(out)
-    assert table.column("id").to_pylist() == list(range(files * rows_per_file))
+    assert table.column("id").to_pylist() == list(range(rows))
     texts = pq.read_table(tmp_path / "in").sort_by("id").column("text").to_pylist()
     assert table.column("label").to_pylist() == [p.label for p in classifier.predict(texts)]
     assert not staging.exists()
+    assert f"resumed: {done_before} of {slices} slices were already complete" in result.summary_line()
+
+
+def test_resuming_with_another_batch_size_is_refused_naming_the_one_to_give(
+    ray_session: Any, tmp_path: Path, tiny_checkpoint: Path
+) -> None:
+    write_corpus(tmp_path / "in", rows=20, files=1, seed=3)
+    from pipelines.staging import manifest
+
+    model = ModelConfig(model_id=str(tiny_checkpoint))
+    args = PipelineArgs(model=model, input=str(tmp_path / "in"), output=str(tmp_path / "out"), batch_size=4)
+    staging = tmp_path / ("out" + STAGING_SUFFIX)
+    staging.mkdir()
+    plan = with_labels(plan_inputs(args), ["neg", "pos"])
+    (staging / "_manifest.json").write_text(json.dumps(manifest(args, plan)))
+    with pytest.raises(InvalidInputError, match=r"its 'batch_size' differs .* pass --batch-size 4 or --overwrite"):
+        run(args.model_copy(update={"resume": True, "batch_size": 8}))

@@ -1,0 +1,280 @@
+"""The Ray Data graph of the batch job: read slices -> tokenize -> model -> output columns.
+
+- **read**: one task per row group holding pending slices; it yields each slice as one block, with
+  the slice id (`SLICE_COLUMN`), the columns cast to the plan's unified types, and texts that are
+  not strings set aside (a text column of another type cannot share a block with string columns:
+  its values are written as strings, and its rows get an error instead of predictions);
+- **tokenize**: `TokenizeStage` on CPU actors, a slice at a time;
+- **model**: `ModelStage` actors (one per GPU, or CPU actors using every core), a slice per call:
+  the classifier sorts the slice's windows by length and packs them under its token budget, so a
+  bigger slice pads less;
+- the set-aside texts are put back, and the write partitions by slice (`pipelines.staging`).
+
+`pool_sizes` decides how many actors of each stage run and with how many threads, from the cluster.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from functools import partial
+from typing import TYPE_CHECKING, Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from pipelines.args import PipelineArgs
+from pipelines.plan import SLICE_COLUMN, TEXT_ERROR, TEXT_RAW, InputPlan, Slice, is_text_type
+from pipelines.schema import output_name
+
+if TYPE_CHECKING:
+    from ray.data import Dataset
+
+# Tokenizer actors per GPU model actor: the fast tokenizer does about 1,700 IMDB-length reviews/s
+# per core, and BERT-large in bf16 on an H100 needs 3,000-6,000 reviews/s.
+TOKENIZERS_PER_GPU = 4
+
+
+@dataclass(frozen=True)
+class PoolSizes:
+    """How many actors each stage may run, and with what, as resolved for this cluster."""
+
+    num_gpus: float
+    """GPUs per model actor."""
+    min_actors: int
+    max_actors: int
+    cpu_threads: int | None
+    """torch threads per CPU model actor (its OMP_NUM_THREADS); None: Ray's default (its num_cpus)."""
+    tokenize_actors: int
+    reason: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "num_gpus_per_actor": self.num_gpus,
+            "min_actors": self.min_actors,
+            "max_actors": self.max_actors,
+            "cpu_threads": self.cpu_threads,
+            "tokenize_actors": self.tokenize_actors,
+            "reason": self.reason,
+        }
+
+
+def pool_sizes(
+    args: PipelineArgs, cluster_gpus: float, node_cpus: Sequence[float], launchable_gpus: float = 0
+) -> PoolSizes:
+    """The model and tokenize pools for ``args`` on a cluster with these GPUs and these nodes' CPUs.
+
+    Flags (``--actors``, ``--num-gpus``, ``--cpu-threads``) win; otherwise:
+
+    - with GPUs (now, or ``launchable_gpus`` an autoscaler can add), one model actor per GPU, from 1
+      up to every GPU, and `TOKENIZERS_PER_GPU` tokenizer actors per model actor on the CPUs;
+    - on CPU-only nodes, one model actor per node, using every core of its node as torch threads
+      (Ray would otherwise give it one thread per reserved CPU: a default of one), and one
+      tokenizer actor (a CPU model is far slower than tokenizing).
+    """
+    gpus = max(cluster_gpus, launchable_gpus)
+    num_gpus = args.actor_gpus(gpus)
+    total_cpus = int(sum(node_cpus))
+    if num_gpus > 0:
+        fits = max(1, int(gpus / num_gpus))
+        min_actors = args.min_actors or 1
+        max_actors = args.max_actors or fits
+        tokenizers = max(1, min(TOKENIZERS_PER_GPU * max_actors, total_cpus - max_actors))
+        reason = f"{gpus:g} GPUs in the cluster, {num_gpus:g} per model actor"
+        return PoolSizes(num_gpus, min_actors, max(min_actors, max_actors), args.cpu_threads, tokenizers, reason)
+    nodes = max(1, len(node_cpus))
+    min_actors = args.min_actors or 1
+    max_actors = args.max_actors or nodes
+    threads = args.cpu_threads or max(1, int(min(node_cpus, default=1)))
+    reason = f"no GPU; {nodes} node(s) with {sorted({int(c) for c in node_cpus})} CPUs, every core a torch thread"
+    return PoolSizes(0.0, min_actors, max(min_actors, max_actors), threads, 1, reason)
+
+
+def map_batches_options(args: PipelineArgs, pool: PoolSizes, actor_log: Any = None) -> dict[str, Any]:
+    """The ``map_batches`` arguments of the model stage: `ModelStage`'s constructor kwargs and its actor pool."""
+    from ray.data import ActorPoolStrategy
+
+    options: dict[str, Any] = {
+        "fn_constructor_kwargs": {"config": args.model.for_gpu_share(pool.num_gpus), "actor_log": actor_log},
+        "compute": ActorPoolStrategy(min_size=pool.min_actors, max_size=pool.max_actors),
+        # Blocks hold batch_size rows (see scored_dataset), so a call is one block.
+        "batch_size": args.batch_size,
+        "batch_format": "pyarrow",
+        "num_cpus": args.num_cpus,
+        # One output row per input row: lets Ray Data push limits through the stage.
+        "udf_modifying_row_count": False,
+    }
+    if pool.num_gpus > 0:
+        options["num_gpus"] = pool.num_gpus
+    if pool.cpu_threads is not None:
+        # torch takes its thread count from OMP_NUM_THREADS at import; Ray would set it to num_cpus.
+        options["runtime_env"] = {"env_vars": {"OMP_NUM_THREADS": str(pool.cpu_threads)}}
+    return options
+
+
+def tokenize_options(args: PipelineArgs, pool: PoolSizes) -> dict[str, Any]:
+    """The ``map_batches`` arguments of the tokenize stage: CPU actors, each holding a tokenizer."""
+    from ray.data import ActorPoolStrategy
+
+    return {
+        "fn_constructor_kwargs": {"config": args.model},
+        "compute": ActorPoolStrategy(min_size=1, max_size=pool.tokenize_actors),
+        "batch_size": args.batch_size,
+        "batch_format": "pyarrow",
+        "num_cpus": 1,
+        "udf_modifying_row_count": False,
+    }
+
+
+def build_pipeline(ds: Dataset, args: PipelineArgs, pool: PoolSizes, actor_log: Any = None) -> Dataset:
+    """The two stages on ``ds`` (which holds ``args.model.text_column``): ``ds`` plus the prediction columns."""
+    from pipelines.stage import ModelStage, TokenizeStage
+
+    tokenized = ds.map_batches(TokenizeStage, **tokenize_options(args, pool))
+    return tokenized.map_batches(ModelStage, **map_batches_options(args, pool, actor_log))
+
+
+def scored_dataset(
+    args: PipelineArgs, plan: InputPlan, pending: Sequence[Slice], pool: PoolSizes, actor_log: Any
+) -> Dataset:
+    """read -> tokenize -> model -> restore -> select, over the pending slices."""
+    import ray
+
+    text = args.text_column
+    inputs = {item.index: item for item in plan.inputs}
+    text_errors = {
+        item.index: None
+        if is_text_type(item.schema.field(text).type)
+        else f"text must be a string, got {item.schema.field(text).type}"
+        for item in plan.inputs
+    }
+    mark_texts = any(error is not None for error in text_errors.values())
+    # One read task per row group that holds pending slices.
+    first_slice: dict[tuple[int, int], int] = {}
+    for piece in plan.slices:
+        first_slice.setdefault((piece.file, piece.row_group), piece.number)
+    groups: dict[tuple[int, int], list[int]] = {}
+    for piece in pending:
+        groups.setdefault((piece.file, piece.row_group), []).append(piece.number)
+    items = [
+        {
+            "file": file,
+            "path": inputs[file].path,
+            "row_group": row_group,
+            "rows": inputs[file].row_groups[row_group],
+            "first_slice": first_slice[(file, row_group)],
+            "slices": numbers,
+        }
+        for (file, row_group), numbers in groups.items()
+    ]
+    read = partial(
+        read_slices,
+        filesystem=_filesystem(plan),
+        schema=plan.read_schema,
+        rows_per_slice=args.batch_size,
+        text_column=text,
+        text_errors=text_errors,
+        mark_texts=mark_texts,
+    )
+    ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+        read, batch_size=1, batch_format="pyarrow"
+    )
+    # Blocks of one slice's size: Ray Data merges what a read task yields into big blocks, and a
+    # big block would go through each stage whole, holding back every row's output until its end
+    # (and all of it from a resume). Before any actor stage, so it is not fused into one.
+    ds = ds.repartition(target_num_rows_per_block=args.batch_size)
+    ds = build_pipeline(ds, args, pool, actor_log)
+    if mark_texts:
+        ds = ds.map_batches(
+            partial(restore_texts, text_column=output_name(text, plan.labels)),
+            batch_format="pyarrow",
+            batch_size=None,
+            udf_modifying_row_count=False,
+        )
+    return ds.select_columns([*plan.output_columns, SLICE_COLUMN])
+
+
+def read_slices(
+    items: pa.Table,
+    *,
+    filesystem: Any,
+    schema: pa.Schema,
+    rows_per_slice: int,
+    text_column: str,
+    text_errors: Mapping[int, str | None],
+    mark_texts: bool,
+) -> Iterator[pa.Table]:
+    """The pending slices of the row groups in ``items``, each as one table: the read columns and the slice id.
+
+    A row group is decoded in slice-sized batches, start to end (Parquet has no cheaper way to a
+    row in the middle); the slices that are not pending are skipped.
+    """
+    for item in items.to_pylist():
+        pending = set(item["slices"])
+        sizes = [min(rows_per_slice, item["rows"] - offset) for offset in range(0, item["rows"], rows_per_slice)]
+        with filesystem.open_input_file(item["path"]) as handle:
+            batches = pq.ParquetFile(handle).iter_batches(
+                batch_size=rows_per_slice, row_groups=[item["row_group"]], columns=schema.names
+            )
+            for number, table in enumerate(_exact_chunks(batches, sizes), start=item["first_slice"]):
+                if number not in pending:
+                    continue
+                table = _set_aside_texts(table, schema, text_column, text_errors[item["file"]], mark_texts)
+                piece = f"{item['file']:05d}-{number:05d}"
+                yield table.append_column(SLICE_COLUMN, pa.array([piece] * table.num_rows, pa.string()))
+
+
+def _exact_chunks(batches: Iterator[pa.RecordBatch], sizes: Sequence[int]) -> Iterator[pa.Table]:
+    """Tables of exactly ``sizes`` rows, in order, cut from a stream of record batches."""
+    buffer: list[pa.RecordBatch] = []
+    buffered = 0
+    for size in sizes:
+        while buffered < size:
+            batch = next(batches)
+            buffer.append(batch)
+            buffered += batch.num_rows
+        table = pa.Table.from_batches(buffer)
+        yield table.slice(0, size)
+        rest = table.slice(size)
+        buffer = rest.to_batches()
+        buffered = rest.num_rows
+
+
+def _set_aside_texts(
+    table: pa.Table, schema: pa.Schema, text_column: str, text_error: str | None, mark_texts: bool
+) -> pa.Table:
+    """``table`` cast to ``schema``; texts of another type than string set aside with their error."""
+    nulls = pa.nulls(table.num_rows, pa.string())
+    raw, errors = nulls, nulls
+    if text_error is not None:
+        raw = _as_strings(table.column(text_column))
+        errors = pa.array([text_error] * table.num_rows, pa.string())
+        table = table.set_column(table.schema.get_field_index(text_column), text_column, nulls)
+    result = pa.Table.from_arrays([table.column(field.name).cast(field.type) for field in schema], schema=schema)
+    if not mark_texts:
+        return result
+    return result.append_column(TEXT_ERROR, errors).append_column(TEXT_RAW, raw)
+
+
+def _as_strings(values: pa.ChunkedArray) -> pa.Array:
+    try:
+        return pc.cast(values, pa.string()).combine_chunks()
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        return pa.array([None if value is None else str(value) for value in values.to_pylist()], pa.string())
+
+
+def restore_texts(batch: pa.Table, text_column: str) -> pa.Table:
+    """Put back the set-aside texts and their error, in rows `read_slices` set aside."""
+    set_aside = pc.is_valid(batch.column(TEXT_ERROR))
+    for name, replacement in ((text_column, TEXT_RAW), ("error", TEXT_ERROR)):
+        position = batch.schema.get_field_index(name)
+        merged = pc.if_else(set_aside, batch.column(replacement), batch.column(position))
+        batch = batch.set_column(position, name, merged)
+    return batch.drop_columns([TEXT_ERROR, TEXT_RAW])
+
+
+def _filesystem(plan: InputPlan) -> Any:
+    from pipelines import files
+
+    return files.locate(plan.inputs[0].uri).filesystem
