@@ -4,7 +4,7 @@
   the slice id (`SLICE_COLUMN`), the columns cast to the plan's unified types, and texts that are
   not strings set aside (a text column of another type cannot share a block with string columns:
   its values are written as strings, and its rows get an error instead of predictions);
-- **tokenize**: `TokenizeStage` on CPU actors, a slice at a time;
+- **tokenize**: `TokenizeStage` in CPU tasks, a slice at a time;
 - **model**: `ModelStage` actors (one per GPU, or CPU actors using every core), a slice per call:
   the classifier sorts the slice's windows by length and packs them under its token budget, so a
   bigger slice pads less;
@@ -31,10 +31,6 @@ from pipelines.schema import output_name
 if TYPE_CHECKING:
     from ray.data import Dataset
 
-# Tokenizer actors per GPU model actor: the fast tokenizer does about 1,700 IMDB-length reviews/s
-# per core, and BERT-large in bf16 on an H100 needs 3,000-6,000 reviews/s.
-TOKENIZERS_PER_GPU = 4
-
 
 @dataclass(frozen=True)
 class PoolSizes:
@@ -46,7 +42,6 @@ class PoolSizes:
     max_actors: int
     cpu_threads: int | None
     """torch threads per CPU model actor (its OMP_NUM_THREADS); None: Ray's default (its num_cpus)."""
-    tokenize_actors: int
     reason: str
 
     def to_dict(self) -> dict[str, Any]:
@@ -55,7 +50,6 @@ class PoolSizes:
             "min_actors": self.min_actors,
             "max_actors": self.max_actors,
             "cpu_threads": self.cpu_threads,
-            "tokenize_actors": self.tokenize_actors,
             "reason": self.reason,
         }
 
@@ -68,27 +62,27 @@ def pool_sizes(
     Flags (``--actors``, ``--num-gpus``, ``--cpu-threads``) win; otherwise:
 
     - with GPUs (now, or ``launchable_gpus`` an autoscaler can add), one model actor per GPU, from 1
-      up to every GPU, and `TOKENIZERS_PER_GPU` tokenizer actors per model actor on the CPUs;
+      up to every GPU;
     - on CPU-only nodes, one model actor per node, using every core of its node as torch threads
-      (Ray would otherwise give it one thread per reserved CPU: a default of one), and one
-      tokenizer actor (a CPU model is far slower than tokenizing).
+      (Ray would otherwise give it one thread per reserved CPU: a default of one).
+
+    Tokenizing runs in tasks on whatever CPUs are free (the fast tokenizer does about 1,700
+    IMDB-length reviews/s per core; a CPU model is far slower, a GPU needs a few cores' worth).
     """
     gpus = max(cluster_gpus, launchable_gpus)
     num_gpus = args.actor_gpus(gpus)
-    total_cpus = int(sum(node_cpus))
     if num_gpus > 0:
         fits = max(1, int(gpus / num_gpus))
         min_actors = args.min_actors or 1
         max_actors = args.max_actors or fits
-        tokenizers = max(1, min(TOKENIZERS_PER_GPU * max_actors, total_cpus - max_actors))
         reason = f"{gpus:g} GPUs in the cluster, {num_gpus:g} per model actor"
-        return PoolSizes(num_gpus, min_actors, max(min_actors, max_actors), args.cpu_threads, tokenizers, reason)
+        return PoolSizes(num_gpus, min_actors, max(min_actors, max_actors), args.cpu_threads, reason)
     nodes = max(1, len(node_cpus))
     min_actors = args.min_actors or 1
     max_actors = args.max_actors or nodes
     threads = args.cpu_threads or max(1, int(min(node_cpus, default=1)))
     reason = f"no GPU; {nodes} node(s) with {sorted({int(c) for c in node_cpus})} CPUs, every core a torch thread"
-    return PoolSizes(0.0, min_actors, max(min_actors, max_actors), threads, 1, reason)
+    return PoolSizes(0.0, min_actors, max(min_actors, max_actors), threads, reason)
 
 
 def map_batches_options(args: PipelineArgs, pool: PoolSizes, actor_log: Any = None) -> dict[str, Any]:
@@ -113,13 +107,9 @@ def map_batches_options(args: PipelineArgs, pool: PoolSizes, actor_log: Any = No
     return options
 
 
-def tokenize_options(args: PipelineArgs, pool: PoolSizes) -> dict[str, Any]:
-    """The ``map_batches`` arguments of the tokenize stage: CPU actors, each holding a tokenizer."""
-    from ray.data import ActorPoolStrategy
-
+def tokenize_options(args: PipelineArgs) -> dict[str, Any]:
+    """The ``map_batches`` arguments of the tokenize stage (`pipelines.stage.tokenize`): CPU tasks."""
     return {
-        "fn_constructor_kwargs": {"config": args.model},
-        "compute": ActorPoolStrategy(min_size=1, max_size=pool.tokenize_actors),
         "batch_size": args.batch_size,
         "batch_format": "pyarrow",
         "num_cpus": 1,
@@ -129,9 +119,9 @@ def tokenize_options(args: PipelineArgs, pool: PoolSizes) -> dict[str, Any]:
 
 def build_pipeline(ds: Dataset, args: PipelineArgs, pool: PoolSizes, actor_log: Any = None) -> Dataset:
     """The two stages on ``ds`` (which holds ``args.model.text_column``): ``ds`` plus the prediction columns."""
-    from pipelines.stage import ModelStage, TokenizeStage
+    from pipelines.stage import ModelStage, tokenize
 
-    tokenized = ds.map_batches(TokenizeStage, **tokenize_options(args, pool))
+    tokenized = ds.map_batches(partial(tokenize, config=args.model), **tokenize_options(args))
     return tokenized.map_batches(ModelStage, **map_batches_options(args, pool, actor_log))
 
 

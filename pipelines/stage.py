@@ -1,6 +1,6 @@
 """The batch job's two Ray Data stages around the shared core, as ``ray.data.llm`` splits its processors.
 
-- `TokenizeStage` (CPU actors): texts -> model-ready token windows (the long-text strategy applied)
+- `TokenizeStage` (CPU tasks, `tokenize`): texts -> model-ready token windows (the long-text strategy applied)
   and each row's error, decided once by `sentiment.encoding.text_error`. Many of them run in
   parallel across cores and nodes, overlapping the forward passes.
 - `ModelStage` (one actor per GPU, or CPU actors): the windows -> predictions with the shared
@@ -14,6 +14,7 @@ reserved none. What each model actor resolved, and how many rows and tokens it h
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from typing import Any
@@ -57,6 +58,20 @@ class ActorLog:
             for name in totals:
                 totals[name] += counts.get(name, 0)
         return totals
+
+
+def tokenize(batch: pa.Table, *, config: ModelConfig) -> pa.Table:
+    """`TokenizeStage` as a plain function for Ray Data tasks: one tokenizer per worker process, reused.
+
+    Tasks, not actors: they hold a CPU only while they run, so on a small machine the reads, the
+    writes and the model actor always find one (actors holding every CPU would stall the job).
+    """
+    return _tokenize_stage(config.model_dump_json())(batch)
+
+
+@functools.cache
+def _tokenize_stage(config_json: str) -> TokenizeStage:
+    return TokenizeStage(ModelConfig.model_validate_json(config_json))
 
 
 class TokenizeStage:

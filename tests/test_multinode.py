@@ -147,7 +147,6 @@ def test_losing_a_worker_node_mid_job_still_writes_every_row_once(
         max_actors=2,
         num_gpus=1,
         batch_size=5,
-        output_file_bytes=1,
     )
     outcome: dict[str, Any] = {}
 

@@ -339,15 +339,13 @@ def test_default_pools_use_every_core_on_cpus_and_one_actor_per_gpu() -> None:
     args = PipelineArgs(model=ABSENT_MODEL, input="in", output="out")
     on_cpus = pool_sizes(args, cluster_gpus=0, node_cpus=[2])
     assert (on_cpus.num_gpus, on_cpus.min_actors, on_cpus.max_actors, on_cpus.cpu_threads) == (0.0, 1, 1, 2)
-    assert on_cpus.tokenize_actors == 1
     # Three CPU nodes: an actor each, with as many threads as the smallest node has cores.
     assert (pool_sizes(args, 0, [16, 16, 8]).max_actors, pool_sizes(args, 0, [16, 16, 8]).cpu_threads) == (3, 8)
     on_gpus = pool_sizes(args, cluster_gpus=4, node_cpus=[8, 32, 32])
     assert (on_gpus.num_gpus, on_gpus.min_actors, on_gpus.max_actors, on_gpus.cpu_threads) == (1.0, 1, 4, None)
-    assert on_gpus.tokenize_actors == 16
     # GPU nodes that start at zero: sized by what the autoscaler can add.
     from_zero = pool_sizes(args.model_copy(update={"num_gpus": 1.0}), 0, [8], launchable_gpus=4)
-    assert (from_zero.min_actors, from_zero.max_actors, from_zero.tokenize_actors) == (1, 4, 4)
+    assert (from_zero.min_actors, from_zero.max_actors) == (1, 4)
     # Flags win.
     fixed = pool_sizes(args.model_copy(update={"min_actors": 2, "max_actors": 2, "cpu_threads": 3}), 0, [16])
     assert (fixed.min_actors, fixed.max_actors, fixed.cpu_threads) == (2, 2, 3)

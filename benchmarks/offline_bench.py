@@ -1,0 +1,183 @@
+"""The offline job's figures, each against a baseline measured in the same run.
+
+    python -m benchmarks.offline_bench overhead [--rows 4000]   # pipeline cost, tiny model
+    python -m benchmarks.offline_bench user [--rows 300]        # what a user sees: BERT-base, fp32
+    python -m benchmarks.offline_bench resume [--rows 40000]    # a one-file corpus killed at 60%
+
+- **overhead**: ``sentiment batch`` with its shipped defaults and a tiny checkpoint (so that the
+  pipeline's own cost shows) against a one-process loop of the same class over the same Parquet, in
+  slices of ``--batch-size`` rows: rows/s of both (model load included in both), and their ratio.
+- **user**: ``sentiment batch IN OUT --model <BERT-base-sized dir> --dtype fp32`` with the shipped
+  defaults, timed as a whole process (Python start, Ray start and model load included), against a
+  process running the ``transformers.pipeline("text-classification")(texts, batch_size=16,
+  truncation=True)`` a user would write; runs alternate, ``--repeats`` each.
+- **resume**: one Parquet file, a full run timed (T), a second run killed at 0.6 T, then
+  ``--resume``: the share of rows the resumed run scores again.
+
+Random-weight checkpoints (`sentiment.testing.make_checkpoint`), synthetic IMDB-length reviews
+(`benchmarks.corpus`), no network. Prints a markdown table and writes ``OUT/<mode>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+
+from benchmarks.common import cpu_name, ensure_checkpoint
+from benchmarks.corpus import write_corpus
+
+REPO = Path(__file__).resolve().parents[1]
+_PIPELINE_SCRIPT = """
+import sys, time, torch, pyarrow.parquet as pq
+from transformers import pipeline
+texts = pq.read_table(sys.argv[1]).column("text").to_pylist()
+classify = pipeline("text-classification", model=sys.argv[2], dtype=torch.float32, device="cpu")
+outputs = classify(texts, batch_size=16, truncation=True)
+print(len(outputs))
+"""
+
+
+def environment() -> dict[str, str]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    # A fresh local Ray for each job, never one a developer has running.
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
+def batch_command(corpus: Path, output: Path, checkpoint: Path, *flags: str) -> list[str]:
+    return [sys.executable, "-m", "sentiment", "batch", str(corpus), str(output), "--model", str(checkpoint), *flags]
+
+
+def timed(argv: list[str], log: Path) -> float:
+    started = time.perf_counter()
+    with log.open("w") as sink:
+        subprocess.run(argv, cwd=REPO, env=environment(), stdout=sink, stderr=subprocess.STDOUT, check=True)
+    return time.perf_counter() - started
+
+
+def overhead(out: Path, rows: int, batch_size: int) -> dict[str, Any]:
+    from sentiment.config import ModelConfig
+    from sentiment.model import SentimentClassifier
+
+    checkpoint = ensure_checkpoint(out, "tiny")
+    corpus = out / f"corpus-{rows}-1"
+    if not corpus.exists():
+        write_corpus(corpus, rows=rows, files=1, seed=0)
+    whole = timed(batch_command(corpus, out / "scored", checkpoint, "--overwrite"), out / "overhead-job.log")
+    report = json.loads((out / "scored" / "_report.json").read_text())
+
+    started = time.perf_counter()
+    classifier = SentimentClassifier(ModelConfig(model_id=str(checkpoint), device="cpu"))
+    parquet = pq.ParquetFile(next(corpus.glob("*.parquet")))
+    done = 0
+    for batch in parquet.iter_batches(batch_size=batch_size, columns=["text"]):
+        done += len(classifier.predict(batch.column(0).to_pylist()))
+    loop_seconds = time.perf_counter() - started
+    return {
+        "rows": rows,
+        "job_rows_per_s": report["rows_per_second"],
+        "job_whole_process_rows_per_s": rows / whole,
+        "loop_rows_per_s": done / loop_seconds,
+        "ratio_in_job": report["rows_per_second"] / (done / loop_seconds),
+        "pool": report["pool"],
+        "padding_share": report["padding_share"],
+    }
+
+
+def user(out: Path, rows: int, repeats: int) -> dict[str, Any]:
+    checkpoint = ensure_checkpoint(out, "base")
+    corpus = out / f"corpus-{rows}-1"
+    if not corpus.exists():
+        write_corpus(corpus, rows=rows, files=1, seed=0)
+    pipeline_argv = [sys.executable, "-c", _PIPELINE_SCRIPT, str(corpus), str(checkpoint)]
+    job_argv = batch_command(corpus, out / "scored", checkpoint, "--dtype", "fp32", "--overwrite")
+    baseline, ours = [], []
+    for repeat in range(repeats):
+        baseline.append(timed(pipeline_argv, out / f"user-baseline-{repeat}.log"))
+        ours.append(timed(job_argv, out / f"user-job-{repeat}.log"))
+    report = json.loads((out / "scored" / "_report.json").read_text())
+    return {
+        "rows": rows,
+        "baseline_seconds": baseline,
+        "job_seconds": ours,
+        "ratios": [b / o for b, o in zip(baseline, ours, strict=True)],
+        "ratio_of_means": sum(baseline) / sum(ours),
+        "pool": report["pool"],
+        "actors": [{k: a[k] for k in ("device", "dtype", "torch_threads")} for a in report["actors"]],
+        "padding_share": report["padding_share"],
+    }
+
+
+def resume(out: Path, rows: int) -> dict[str, Any]:
+    checkpoint = ensure_checkpoint(out, "tiny")
+    corpus = out / f"corpus-{rows}-1"
+    if not corpus.exists():
+        write_corpus(corpus, rows=rows, files=1, seed=0)
+    output = out / "scored-resume"
+    full = timed(batch_command(corpus, output, checkpoint, "--overwrite"), out / "resume-full.log")
+    with (out / "resume-killed.log").open("w") as sink:
+        process = subprocess.Popen(
+            batch_command(corpus, output, checkpoint, "--overwrite"),
+            cwd=REPO,
+            env=environment(),
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        time.sleep(0.6 * full)
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    # The killed run's local Ray goes with its process group; give its workers a moment to exit.
+    time.sleep(5)
+    resumed = timed(batch_command(corpus, output, checkpoint, "--resume"), out / "resume-resumed.log")
+    report = json.loads((output / "_report.json").read_text())
+    return {
+        "rows": rows,
+        "full_run_seconds": full,
+        "killed_after_seconds": 0.6 * full,
+        "resumed_run_seconds": resumed,
+        "rescored_rows": report["processed_rows"],
+        "rescored_share": report["processed_rows"] / rows,
+        "slices": report["slices"],
+        "skipped_slices": report["skipped_slices"],
+        "output_rows": report["output_rows"],
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.offline_bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("mode", choices=["overhead", "user", "resume"])
+    parser.add_argument("--rows", type=int, help="reviews (default: overhead 4000, user 300, resume 40000)")
+    parser.add_argument("--repeats", type=int, default=2, help="alternating runs of each contender (user)")
+    parser.add_argument("--batch-size", type=int, default=1024, help="rows per call of the loop (overhead)")
+    parser.add_argument("--out", default="benchmarks/out/offline", help="working directory (default: %(default)s)")
+    options = parser.parse_args(argv)
+    out = Path(options.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    rows = options.rows or {"overhead": 4000, "user": 300, "resume": 40000}[options.mode]
+    if options.mode == "overhead":
+        result = overhead(out, rows, options.batch_size)
+    elif options.mode == "user":
+        result = user(out, rows, options.repeats)
+    else:
+        result = resume(out, rows)
+    result = {"mode": options.mode, "cpu": cpu_name(), "cores": os.cpu_count(), **result}
+    (out / f"{options.mode}.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
