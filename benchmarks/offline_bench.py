@@ -11,8 +11,9 @@
   defaults, timed as a whole process (Python start, Ray start and model load included), against a
   process running the ``transformers.pipeline("text-classification")(texts, batch_size=16,
   truncation=True)`` a user would write; runs alternate, ``--repeats`` each.
-- **resume**: one Parquet file, a full run timed (T), a second run killed at 0.6 T, then
-  ``--resume``: the share of rows the resumed run scores again.
+- **resume**: one Parquet file, a full run timed, a second run killed once its model has scored
+  60% of the rows (its progress lines, every 0.5 s), then ``--resume``: how many rows the killed
+  run had scored that the resumed run scores again (the slices in flight), and how many it kept.
 
 Random-weight checkpoints (`sentiment.testing.make_checkpoint`), synthetic IMDB-length reviews
 (`benchmarks.corpus`), no network. Prints a markdown table and writes ``OUT/<mode>.json``.
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -126,33 +128,50 @@ def resume(out: Path, rows: int) -> dict[str, Any]:
         write_corpus(corpus, rows=rows, files=1, seed=0)
     output = out / "scored-resume"
     full = timed(batch_command(corpus, output, checkpoint, "--overwrite"), out / "resume-full.log")
-    with (out / "resume-killed.log").open("w") as sink:
+    killed_log = out / "resume-killed.log"
+    with killed_log.open("w") as sink:
         process = subprocess.Popen(
-            batch_command(corpus, output, checkpoint, "--overwrite"),
+            batch_command(corpus, output, checkpoint, "--overwrite", "--progress-interval", "0.5"),
             cwd=REPO,
             env=environment(),
             stdout=sink,
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-        time.sleep(0.6 * full)
+        started = time.perf_counter()
+        # Killed once the model has scored 60% of the rows (its progress lines say so).
+        while scored_rows(killed_log) < 0.6 * rows and process.poll() is None:
+            time.sleep(0.1)
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()
+    killed_after = time.perf_counter() - started
+    scored_before_kill = scored_rows(killed_log)
     # The killed run's local Ray goes with its process group; give its workers a moment to exit.
     time.sleep(5)
     resumed = timed(batch_command(corpus, output, checkpoint, "--resume"), out / "resume-resumed.log")
     report = json.loads((output / "_report.json").read_text())
+    kept = rows - report["processed_rows"]
     return {
         "rows": rows,
         "full_run_seconds": full,
-        "killed_after_seconds": 0.6 * full,
+        "killed_after_seconds": killed_after,
+        "scored_before_kill": scored_before_kill,
+        "kept_rows": kept,
+        # Rows the killed run had scored that the resumed run scored again (in-flight slices).
+        "rescored_rows": max(0, scored_before_kill - kept),
+        "rescored_share": max(0, scored_before_kill - kept) / rows,
+        "resumed_run_processed_rows": report["processed_rows"],
         "resumed_run_seconds": resumed,
-        "rescored_rows": report["processed_rows"],
-        "rescored_share": report["processed_rows"] / rows,
         "slices": report["slices"],
         "skipped_slices": report["skipped_slices"],
         "output_rows": report["output_rows"],
     }
+
+
+def scored_rows(log: Path) -> int:
+    """Rows scored by the model, from the last progress line of a ``sentiment batch`` log."""
+    found = re.findall(r"scored ([\d,]+) of", log.read_text(errors="replace"))
+    return int(found[-1].replace(",", "")) if found else 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

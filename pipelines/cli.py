@@ -47,6 +47,13 @@ def register(commands: Any) -> None:
     batch.add_argument("--keep", metavar="COLUMNS", help="comma-separated input columns to write (default: all)")
     batch.add_argument("--overwrite", action="store_true", default=None, help="replace an existing output")
     batch.add_argument("--resume", action="store_true", default=None, help="continue an interrupted run")
+    batch.add_argument(
+        "--progress-interval",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="seconds between progress lines on stderr (default: 10)",
+    )
     batch.set_defaults(handler=_run_batch)
 
     evaluate = commands.add_parser(
@@ -141,7 +148,7 @@ def _run_batch(args: argparse.Namespace) -> int:
         raise UsageError("give one or more inputs and then the output directory: sentiment batch INPUT ... OUTPUT")
     if args.paths:
         overrides = {"input": args.paths[:-1], "output": args.paths[-1]}
-    result = run(pipeline_args_from_args(args, **overrides))
+    result = run(pipeline_args_from_args(args, **overrides), progress_interval_s=args.progress_interval)
     print(result.summary_line())
     return 0
 
