@@ -10,7 +10,7 @@
   bigger slice pads less;
 - the set-aside texts are put back, and the write partitions by slice (`pipelines.staging`).
 
-`pool_sizes` decides how many actors of each stage run and with how many threads, from the cluster.
+`pool_sizes` decides how many model actors run, with what GPU share and how many threads, from the cluster.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class PoolSizes:
-    """How many actors each stage may run, and with what, as resolved for this cluster."""
+    """How many model actors may run, and with what, as resolved for this cluster."""
 
     num_gpus: float
     """GPUs per model actor."""
@@ -57,7 +57,7 @@ class PoolSizes:
 def pool_sizes(
     args: PipelineArgs, cluster_gpus: float, node_cpus: Sequence[float], launchable_gpus: float = 0
 ) -> PoolSizes:
-    """The model and tokenize pools for ``args`` on a cluster with these GPUs and these nodes' CPUs.
+    """The model actor pool for ``args`` on a cluster with these GPUs and these nodes' CPUs.
 
     Flags (``--actors``, ``--num-gpus``, ``--cpu-threads``) win; otherwise:
 
