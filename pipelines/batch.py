@@ -6,7 +6,7 @@
   that is not Parquet, columns that disagree, no rows: errors naming the file and column, before
   Ray starts or any model loads), the model's labels from its config alone, and the **slices**;
 - `pipelines.dataset`: the Ray Data graph (read slices -> `TokenizeStage` -> `ModelStage` ->
-  output columns) and how many actors each stage gets on this cluster (`pool_sizes`);
+  output columns) and how many model actors run on this cluster (`pool_sizes`);
 - `pipelines.staging`: results staged per slice under ``OUTPUT.staging``, every input's row count
   checked, then one move into ``OUTPUT``; ``--resume`` re-does only the slices a crash cut short;
 - `pipelines.report`: the run report (``_report.json``), the summary line and the progress line.

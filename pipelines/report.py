@@ -105,7 +105,7 @@ def run_report(
     Ray Data execution, actor start and model load included. ``model.device`` and ``model.dtype``
     are as configured; ``resolved`` says what they became: ``num_gpus_per_actor`` and ``actors``, one
     entry per model actor with the device, dtype, memory cap and torch threads it runs with, and
-    the rows and tokens it ran; ``pool`` how many actors of each stage were allowed, and why.
+    the rows and tokens it ran; ``pool`` how many model actors were allowed, with what, and why.
     The padding share is of the tokens the model ran: ``1 - tokens_run / tokens_padded``.
     """
     import ray
