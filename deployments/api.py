@@ -7,18 +7,21 @@ bad input never reaches the model.
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import math
-from collections.abc import Awaitable, Callable, MutableMapping
+import time
+from collections.abc import Awaitable, Callable, Iterator, MutableMapping
 from importlib import resources
 from typing import TYPE_CHECKING, Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
 from starlette.exceptions import HTTPException
 
 from deployments.errors import ApiError, ErrorType
+from deployments.metrics import StageTimes
 from deployments.schemas import (
     ClassifyRequest,
     ClassifyResponse,
@@ -103,9 +106,12 @@ def create_api(server: SentimentServer) -> FastAPI:
         return InfoResponse(**server.info())
 
     @app.post("/v1/classify", summary="Classify one text or a list of texts.")
-    async def classify(body: ClassifyRequest) -> ClassifyResponse:
+    async def classify(body: ClassifyRequest, response: Response) -> ClassifyResponse:
         field, texts = ("texts", body.texts) if body.texts is not None else ("text", [body.text or ""])
-        predictions = await server.classify(_checked(texts, field, server), body.long_text, field=field)
+        with _timed(server, response) as times:
+            predictions = await server.classify(
+                _checked(texts, field, server), body.long_text, field=field, times=times
+            )
         return ClassifyResponse(
             model=args.model.model_id,
             predictions=[PredictionBody(**p.to_dict()) for p in predictions],
@@ -115,12 +121,15 @@ def create_api(server: SentimentServer) -> FastAPI:
         "/predict",
         summary="text-embeddings-inference compatible: every label with its score, most probable first.",
     )
-    async def predict(body: PredictRequest) -> list[LabelScore] | list[list[LabelScore]]:
+    async def predict(body: PredictRequest, response: Response) -> list[LabelScore] | list[list[LabelScore]]:
         single = isinstance(body.inputs, str)
         texts = [body.inputs] if isinstance(body.inputs, str) else body.inputs
         cut = body.truncate is not False
         long_text = _DIRECTIONS.get((body.truncation_direction or "").lower()) if cut else None
-        predictions = await server.classify(_checked(texts, "inputs", server), long_text, field="inputs", cut=cut)
+        with _timed(server, response) as times:
+            predictions = await server.classify(
+                _checked(texts, "inputs", server), long_text, field="inputs", cut=cut, times=times
+            )
         ranked = [_ranked(p, log=body.raw_scores) for p in predictions]
         return ranked[0] if single else ranked
 
@@ -128,7 +137,7 @@ def create_api(server: SentimentServer) -> FastAPI:
         "/",
         summary="Hugging Face Inference API compatible (what huggingface_hub.InferenceClient posts).",
     )
-    async def inference(body: InferenceRequest) -> list[list[LabelScore]]:
+    async def inference(body: InferenceRequest, response: Response) -> list[list[LabelScore]]:
         function = body.parameters.function_to_apply or "softmax"
         if function == "sigmoid":
             raise ApiError(
@@ -136,11 +145,29 @@ def create_api(server: SentimentServer) -> FastAPI:
                 "parameters.function_to_apply: 'sigmoid' is not supported; use 'softmax' or 'none'",
             )
         texts = [body.inputs] if isinstance(body.inputs, str) else body.inputs
-        predictions = await server.classify(_checked(texts, "inputs", server), field="inputs")
+        with _timed(server, response) as times:
+            predictions = await server.classify(_checked(texts, "inputs", server), field="inputs", times=times)
         top_k = body.parameters.top_k
         return [_ranked(p, log=function == "none")[:top_k] for p in predictions]
 
     return app
+
+
+@contextlib.contextmanager
+def _timed(server: SentimentServer, response: Response) -> Iterator[StageTimes]:
+    """Time a classify call; on success, set TEI's timing headers (milliseconds) and record the histograms."""
+    times = StageTimes()
+    started = time.perf_counter()
+    yield times
+    seconds = {
+        "total": time.perf_counter() - started,
+        "tokenization": times.tokenization,
+        "queue": times.queue,
+        "inference": times.inference,
+    }
+    for stage, value in seconds.items():
+        response.headers[f"x-{stage}-time"] = str(round(value * 1000))
+    server.metrics.record_stages(seconds)
 
 
 def _checked(texts: list[str], field: str, server: SentimentServer) -> list[str]:

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from deployments.args import AUTO_GPU_FRACTION, ServeArgs, parse_serve_args
 from deployments.batcher import Batcher
 from deployments.errors import ApiError, ErrorType
-from deployments.metrics import EndpointMetrics
+from deployments.metrics import EndpointMetrics, StageTimes
 from sentiment.config import LongTextStrategy
 from sentiment.errors import DeviceMemoryError
 from sentiment.model import EncodedText, Prediction, SentimentClassifier
@@ -40,6 +40,8 @@ class _Work:
     num_tokens: int
     field: str
     """The request field that held the texts, for error messages."""
+    submitted: float
+    times: StageTimes
 
 
 class SentimentServer:
@@ -127,10 +129,22 @@ class SentimentServer:
         }
 
     async def classify(
-        self, texts: Sequence[str], long_text: LongTextStrategy | None = None, *, field: str = "texts", cut: bool = True
+        self,
+        texts: Sequence[str],
+        long_text: LongTextStrategy | None = None,
+        *,
+        field: str = "texts",
+        cut: bool = True,
+        times: StageTimes | None = None,
     ) -> list[Prediction]:
-        """Predictions for one request's texts, batched with other requests'. ``cut=False`` refuses long texts."""
+        """Predictions for one request's texts, batched with other requests'. ``cut=False`` refuses long texts.
+
+        ``times``, if given, receives the seconds spent tokenizing, queued and in the model.
+        """
+        times = times if times is not None else StageTimes()
+        started = time.perf_counter()
         encoded = await self.classifier.aencode(texts, long_text)
+        times.tokenization = time.perf_counter() - started
         if not cut:
             for index, text in enumerate(encoded):
                 if text.truncated:
@@ -141,7 +155,7 @@ class SentimentServer:
                     )
         self.metrics.record_texts(encoded)
         tokens = sum(len(window) for text in encoded for window in text.windows)
-        return await self._batcher.submit(_Work(encoded, tokens, field))
+        return await self._batcher.submit(_Work(encoded, tokens, field, time.perf_counter(), times))
 
     def _batch_size(self, batch: list[_Work]) -> int:
         return batch_size(
@@ -155,6 +169,8 @@ class SentimentServer:
         encoded = [text for work in batch for text in work.encoded]
         self.metrics.record_queue(self._batcher.queued)
         started = time.perf_counter()
+        for work in batch:
+            work.times.queue = started - work.submitted
         failed: set[int] = set()
         memory_error: DeviceMemoryError | None = None
         try:
@@ -172,7 +188,10 @@ class SentimentServer:
             self._oom_splits_seen += splits
             self.metrics.record_oom_splits(splits)
         self._failures = 0
-        self.metrics.record_batch(len(encoded), sum(work.num_tokens for work in batch), time.perf_counter() - started)
+        seconds = time.perf_counter() - started
+        for work in batch:
+            work.times.inference = seconds
+        self.metrics.record_batch(len(encoded), sum(work.num_tokens for work in batch), seconds)
         results: list[list[Prediction] | ApiError] = []
         start = 0
         for work in batch:

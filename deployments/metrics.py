@@ -9,12 +9,24 @@ Counters appear with a ``_total`` suffix, e.g. ``ray_sentiment_texts_total``.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from sentiment.model import EncodedText
 
 _BATCH_TEXTS_BUCKETS: list[float] = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512]
 _BATCH_TOKENS_BUCKETS: list[float] = [64, 256, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072]
 _MODEL_SECONDS_BUCKETS: list[float] = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30]
+
+
+@dataclass(slots=True)
+class StageTimes:
+    """Seconds one request spent in each stage; the routes send them as TEI's ``x-*-time`` headers."""
+
+    tokenization: float = 0.0
+    queue: float = 0.0
+    """From joining the batch queue until its batch started."""
+    inference: float = 0.0
+    """The model's time on the batch that held the request (shared with the other requests in it)."""
 
 
 class EndpointMetrics:
@@ -56,6 +68,15 @@ class EndpointMetrics:
                 "means the forward token budget (model.max_batch_tokens) is too big for the memory cap."
             ),
         )
+        self.stage_seconds = Histogram(
+            "sentiment_request_stage_seconds",
+            description=(
+                "Seconds one classify request spent per stage: total, tokenization, queue, inference "
+                "(the x-*-time headers)."
+            ),
+            boundaries=_MODEL_SECONDS_BUCKETS,
+            tag_keys=("stage",),
+        )
         self.model_seconds = Histogram(
             "sentiment_model_seconds",
             description="Seconds the model spent on one gathered batch (all its forward passes).",
@@ -74,6 +95,10 @@ class EndpointMetrics:
 
     def record_queue(self, requests: int) -> None:
         self.queued.set(requests)
+
+    def record_stages(self, seconds: dict[str, float]) -> None:
+        for stage, value in seconds.items():
+            self.stage_seconds.observe(value, tags={"stage": stage})
 
     def record_oom_splits(self, splits: int) -> None:
         if splits:

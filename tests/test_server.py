@@ -8,11 +8,13 @@ requests of the same batch their predictions, and the replica stays healthy.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from starlette.testclient import TestClient
 
 from deployments.app import SentimentServer
 from deployments.args import ServeArgs
@@ -112,3 +114,39 @@ def test_a_model_that_keeps_failing_otherwise_still_makes_the_replica_unhealthy(
         assert isinstance(result, ApiError)
         assert result.status == 424
     assert not server.healthy
+
+
+@pytest.fixture
+def client(tiny_checkpoint: Path) -> Iterator[TestClient]:
+    """The FastAPI app of one replica, in-process, on the tiny classifier: no Ray, no Serve."""
+    from deployments.api import create_api
+
+    model = ModelConfig(model_id=str(tiny_checkpoint), device="cpu")
+    server = SentimentServer(ServeArgs(model=model), classifier=SentimentClassifier(model), metrics=RecordingMetrics())
+    with TestClient(create_api(server)) as session:
+        yield session
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/v1/classify", {"texts": ["a fine film", "dull"]}),
+        ("/predict", {"inputs": "a fine film"}),
+        ("/", {"inputs": ["a fine film"]}),
+    ],
+)
+def test_every_classify_answer_carries_the_stage_timings_in_milliseconds(
+    client: TestClient, path: str, body: dict[str, object]
+) -> None:
+    response = client.post(path, json=body)
+    assert response.status_code == 200
+    stages = {name: int(response.headers[f"x-{name}-time"]) for name in ("total", "tokenization", "queue", "inference")}
+    assert all(value >= 0 for value in stages.values())
+    # Each header is rounded to the millisecond on its own: the parts may exceed the total by that.
+    assert stages["total"] + 2 >= stages["tokenization"] + stages["queue"] + stages["inference"]
+
+
+def test_refused_requests_carry_no_timings(client: TestClient) -> None:
+    response = client.post("/v1/classify", json={"texts": [" "]})
+    assert response.status_code == 400
+    assert "x-total-time" not in response.headers
