@@ -24,6 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from pipelines import files
 from pipelines.args import PipelineArgs
 from pipelines.plan import SLICE_COLUMN, TEXT_ERROR, TEXT_RAW, InputPlan, Slice, is_text_type
 from pipelines.schema import output_name
@@ -160,7 +161,7 @@ def scored_dataset(
     ]
     read = partial(
         read_slices,
-        filesystem=_filesystem(plan),
+        filesystem=files.locate(plan.inputs[0].uri).filesystem,
         schema=plan.read_schema,
         rows_per_slice=args.batch_size,
         text_column=text,
@@ -262,9 +263,3 @@ def restore_texts(batch: pa.Table, text_column: str) -> pa.Table:
         merged = pc.if_else(set_aside, batch.column(replacement), batch.column(position))
         batch = batch.set_column(position, name, merged)
     return batch.drop_columns([TEXT_ERROR, TEXT_RAW])
-
-
-def _filesystem(plan: InputPlan) -> Any:
-    from pipelines import files
-
-    return files.locate(plan.inputs[0].uri).filesystem
