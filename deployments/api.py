@@ -19,17 +19,20 @@ from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
 from starlette.exceptions import HTTPException
+from starlette.routing import BaseRoute, Match
 
 from deployments.errors import ApiError, ErrorType
 from deployments.metrics import StageTimes
 from deployments.schemas import (
     ClassifyRequest,
     ClassifyResponse,
+    ErrorBody,
     InferenceRequest,
     InfoResponse,
     LabelScore,
     PredictionBody,
     PredictRequest,
+    document_limits,
 )
 from sentiment.config import LongTextStrategy
 from sentiment.model import Prediction
@@ -53,6 +56,47 @@ _OPEN_PAGES = ("/",)
 # TEI's truncation_direction: cutting on the right keeps the head of the text.
 _DIRECTIONS: dict[str, LongTextStrategy] = {"left": "tail", "right": "head"}
 
+# What each error status means, as the OpenAPI document says it; every route lists those it can answer.
+_STATUS_MEANINGS = {
+    400: "The body is not JSON, or a text is empty (`malformed`, `empty`).",
+    401: "Missing or wrong API key (`unauthorized`); only when the server requires one.",
+    413: (
+        "Over a size limit: texts per request, characters per text, body bytes, tokens with truncate: false, "
+        "or one text too big for the GPU (`too_large`)."
+    ),
+    422: "A field is missing, null, of the wrong type or not an allowed value (`validation`).",
+    424: "The model failed on this well-formed request (`backend`).",
+    503: (
+        "Busy (`overloaded`, with Retry-After: the replica's queue holds more than max_queue_wait_s of work) "
+        "or not ready (`unhealthy`). Serve's proxy also answers 503 with Retry-After, in plain text, when every "
+        "replica is full and max_queued_requests more wait."
+    ),
+}
+_TIMING_HEADERS = {
+    f"x-{stage}-time": {"description": f"Milliseconds {what}.", "schema": {"type": "integer"}}
+    for stage, what in (
+        ("total", "from the parsed request to the answer"),
+        ("tokenization", "spent tokenizing"),
+        ("queue", "waiting for a batch"),
+        ("inference", "in the model (the whole gathered batch)"),
+    )
+}
+
+
+def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` for these error statuses (plus 401, which every guarded route can answer)."""
+    documented: dict[int | str, dict[str, Any]] = {}
+    for status in sorted({401, *statuses}):
+        documented[status] = {"model": ErrorBody, "description": _STATUS_MEANINGS[status]}
+        if status == 503:
+            documented[status]["headers"] = {
+                "Retry-After": {"description": "Seconds to wait before retrying.", "schema": {"type": "integer"}}
+            }
+    return documented
+
+
+_CLASSIFY_ERRORS = _errors(400, 413, 422, 424, 503)
+
 
 def create_api(server: SentimentServer) -> FastAPI:
     """The FastAPI app of one replica; its routes close over ``server``."""
@@ -64,6 +108,7 @@ def create_api(server: SentimentServer) -> FastAPI:
     args = server.args
     max_body = args.max_texts_per_request * args.max_chars_per_text * _JSON_BYTES_PER_CHAR + 64 * 1024
     app.add_middleware(_Guard, server=server, max_body_bytes=max_body)
+    _document(app, server)
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
@@ -76,7 +121,12 @@ def create_api(server: SentimentServer) -> FastAPI:
     @app.exception_handler(HTTPException)
     async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
         error_type = ErrorType.NOT_FOUND if exc.status_code in (404, 405) else ErrorType.VALIDATION
-        return ApiError(error_type, str(exc.detail), status=exc.status_code).response()
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:
+            # RFC 9110: a 405 lists every method the path takes. Starlette names only those of the first
+            # route that matched the path, and "/" has two (the page's GET, the Inference API's POST).
+            headers["Allow"] = ", ".join(_methods(app, request))
+        return ApiError(error_type, str(exc.detail), status=exc.status_code, headers=headers).response()
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
@@ -85,7 +135,12 @@ def create_api(server: SentimentServer) -> FastAPI:
     # Read once per replica when the app is built, not at import time.
     page = resources.files("deployments").joinpath("static", "index.html").read_text(encoding="utf-8")
 
-    @app.get("/", response_class=HTMLResponse, summary="The live demo page (HTML; no external resources).")
+    @app.get(
+        "/",
+        response_class=HTMLResponse,
+        summary="The live demo page (HTML; no external resources).",
+        responses={200: {"content": {"text/html": {}}}},
+    )
     async def demo_page() -> HTMLResponse:
         return HTMLResponse(page)
 
@@ -93,19 +148,21 @@ def create_api(server: SentimentServer) -> FastAPI:
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get(
-        "/readyz", summary="Readiness: 200 once the model is loaded and warmed up.", responses={503: {"model": None}}
-    )
+    @app.get("/readyz", summary="Readiness: 200 once the model is loaded and warmed up.", responses=_errors(503))
     async def readyz() -> dict[str, str]:
         if not server.healthy:
             raise ApiError(ErrorType.UNHEALTHY, "the model failed on its last batches; Serve will replace this replica")
         return {"status": "ready"}
 
-    @app.get("/info", summary="What runs: model, labels, limits, precision, device, batching.")
+    @app.get("/info", summary="What runs: model, labels, limits, precision, device, batching.", responses=_errors())
     async def info() -> InfoResponse:
         return InfoResponse(**server.info())
 
-    @app.post("/v1/classify", summary="Classify one text or a list of texts.")
+    @app.post(
+        "/v1/classify",
+        summary="Classify one text or a list of texts.",
+        responses={200: {"headers": _TIMING_HEADERS}, **_CLASSIFY_ERRORS},
+    )
     async def classify(body: ClassifyRequest, response: Response) -> ClassifyResponse:
         field, texts = ("texts", body.texts) if body.texts is not None else ("text", [body.text or ""])
         with _timed(server, response) as times:
@@ -120,6 +177,7 @@ def create_api(server: SentimentServer) -> FastAPI:
     @app.post(
         "/predict",
         summary="text-embeddings-inference compatible: every label with its score, most probable first.",
+        responses={200: {"headers": _TIMING_HEADERS}, **_CLASSIFY_ERRORS},
     )
     async def predict(body: PredictRequest, response: Response) -> list[LabelScore] | list[list[LabelScore]]:
         single = isinstance(body.inputs, str)
@@ -136,14 +194,10 @@ def create_api(server: SentimentServer) -> FastAPI:
     @app.post(
         "/",
         summary="Hugging Face Inference API compatible (what huggingface_hub.InferenceClient posts).",
+        responses={200: {"headers": _TIMING_HEADERS}, **_CLASSIFY_ERRORS},
     )
     async def inference(body: InferenceRequest, response: Response) -> list[list[LabelScore]]:
         function = body.parameters.function_to_apply or "softmax"
-        if function == "sigmoid":
-            raise ApiError(
-                ErrorType.VALIDATION,
-                "parameters.function_to_apply: 'sigmoid' is not supported; use 'softmax' or 'none'",
-            )
         texts = [body.inputs] if isinstance(body.inputs, str) else body.inputs
         with _timed(server, response) as times:
             predictions = await server.classify(_checked(texts, "inputs", server), field="inputs", times=times)
@@ -151,6 +205,40 @@ def create_api(server: SentimentServer) -> FastAPI:
         return [_ranked(p, log=function == "none")[:top_k] for p in predictions]
 
     return app
+
+
+def _methods(app: FastAPI, request: Request) -> list[str]:
+    """The methods of every route whose path matches the request's."""
+    methods: set[str] = set()
+    for route in app.router.routes:
+        if isinstance(route, BaseRoute) and route.matches(request.scope)[0] is not Match.NONE:
+            methods.update(getattr(route, "methods", None) or ())
+    return sorted(methods)
+
+
+def _document(app: FastAPI, server: SentimentServer) -> None:
+    """Make ``/openapi.json`` this server's: its request limits, and its API key as a bearer scheme."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            document = build()
+            document_limits(document, server.args.max_texts_per_request, server.args.max_chars_per_text)
+            if server.api_key:
+                schemes = {"bearer": {"type": "http", "scheme": "bearer"}}
+                document.setdefault("components", {})["securitySchemes"] = schemes
+                for path, operations in document["paths"].items():
+                    for method, operation in operations.items():
+                        if path not in _OPEN_PATHS and not (path in _OPEN_PAGES and method == "get"):
+                            operation["security"] = [{"bearer": []}]
+            else:
+                for operations in document["paths"].values():
+                    for operation in operations.values():
+                        operation.get("responses", {}).pop("401", None)
+            app.openapi_schema = document
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 @contextlib.contextmanager

@@ -19,6 +19,7 @@ from deployments.batcher import Batcher
 from deployments.errors import ApiError, ErrorType
 from deployments.metrics import EndpointMetrics, StageTimes
 from sentiment.config import LongTextStrategy
+from sentiment.devices import limit_threads_to_cores
 from sentiment.errors import DeviceMemoryError
 from sentiment.model import EncodedText, Prediction, SentimentClassifier
 
@@ -61,10 +62,12 @@ class SentimentServer:
     ) -> None:
         """Serve passes only ``args``; tests may hand in a ready classifier and metrics instead."""
         self.args = args
+        # build_app resolved "auto" before the replica started; "auto" here only outside Serve (tests).
         self.num_gpus = float(args.ray_actor_options.num_gpus) if args.ray_actor_options.num_gpus != "auto" else 0.0
         if classifier is None:
             import ray
 
+            limit_threads_to_cores()
             classifier = SentimentClassifier(args.model.for_gpu_share(self.num_gpus), reserved_gpus=ray.get_gpu_ids())
         self.classifier = classifier
         self.replica_id = _replica_id()
@@ -73,6 +76,9 @@ class SentimentServer:
         self.batch_max_texts = args.effective_batch_max_texts
         self.batch_max_tokens = args.effective_batch_max_tokens
         self._failures = 0
+        # Shedding: tokens submitted and not yet answered, and the model's recent pace (None until a batch ran).
+        self._pending_tokens = 0
+        self._tokens_per_s: float | None = None
         self._oom_splits_seen = self.classifier.oom_splits
         self.metrics = metrics or EndpointMetrics()
         # A batch's size is one number, so `_batch_size` folds the text and token limits into text
@@ -121,6 +127,8 @@ class SentimentServer:
             "batch_max_tokens": self.batch_max_tokens,
             "batch_wait_timeout_s": self.args.batch_wait_timeout_s,
             "max_ongoing_requests": self.args.max_ongoing_requests,
+            "max_queue_wait_s": self.args.max_queue_wait_s,
+            "queue_wait_s": round(self.queue_wait_s, 3),
             "max_texts_per_request": self.args.max_texts_per_request,
             "max_chars_per_text": self.args.max_chars_per_text,
             "replica_gpus": self.num_gpus,
@@ -153,9 +161,34 @@ class SentimentServer:
                         f"{field}[{index}] has {text.num_tokens} tokens; the model takes at most "
                         f"{self.classifier.max_length} (send truncate: true to cut it)",
                     )
-        self.metrics.record_texts(encoded)
         tokens = sum(len(window) for text in encoded for window in text.windows)
-        return await self._batcher.submit(_Work(encoded, tokens, field, time.perf_counter(), times))
+        # No await between the check and the count: concurrent requests are admitted one at a time.
+        self._admit()
+        self._pending_tokens += tokens
+        self.metrics.record_texts(encoded)
+        try:
+            return await self._batcher.submit(_Work(encoded, tokens, field, time.perf_counter(), times))
+        finally:
+            self._pending_tokens -= tokens
+
+    @property
+    def queue_wait_s(self) -> float:
+        """Seconds of work already queued or running on this replica, at its recent pace (0 before any batch)."""
+        if not self._tokens_per_s:
+            return 0.0
+        return self._pending_tokens / self._tokens_per_s
+
+    def _admit(self) -> None:
+        """Refuse a request at once when the work ahead of it would keep it waiting over max_queue_wait_s."""
+        limit = self.args.max_queue_wait_s
+        wait = self.queue_wait_s
+        if limit is not None and wait > limit:
+            raise ApiError(
+                ErrorType.OVERLOADED,
+                f"the replica is busy: about {wait:.1f} s of work is queued ahead (max_queue_wait_s {limit:g}); "
+                "retry after Retry-After seconds",
+                headers={"Retry-After": str(max(1, math.ceil(wait - limit)))},
+            )
 
     def _batch_size(self, batch: list[_Work]) -> int:
         return batch_size(
@@ -189,9 +222,15 @@ class SentimentServer:
             self.metrics.record_oom_splits(splits)
         self._failures = 0
         seconds = time.perf_counter() - started
+        batch_tokens = sum(work.num_tokens for work in batch)
+        if seconds > 0:
+            pace = batch_tokens / seconds
+            # A moving average over the last few batches: follows a slowdown (a replica starting beside this
+            # one, longer texts) within a few batches without jumping on one odd batch.
+            self._tokens_per_s = pace if self._tokens_per_s is None else 0.7 * self._tokens_per_s + 0.3 * pace
         for work in batch:
             work.times.inference = seconds
-        self.metrics.record_batch(len(encoded), sum(work.num_tokens for work in batch), seconds)
+        self.metrics.record_batch(len(encoded), batch_tokens, seconds)
         results: list[list[Prediction] | ApiError] = []
         start = 0
         for work in batch:
@@ -226,16 +265,27 @@ def batch_size(texts: int, tokens: int, max_texts: int, max_tokens: int) -> int:
     return max(texts, math.ceil(tokens * max_texts / max_tokens))
 
 
-def deployment_options(args: ServeArgs, cluster_gpus: float) -> dict[str, Any]:
-    """Serve deployment options from the args; ``num_gpus: auto`` resolved against the cluster's GPUs."""
+def deployment_options(args: ServeArgs, cluster_gpus: float, node_cpus: float = 1.0) -> dict[str, Any]:
+    """Serve deployment options from the args, ``auto`` resources resolved against the cluster.
+
+    ``cluster_gpus``: the GPUs the cluster has; ``node_cpus``: the CPUs of its largest node.
+    """
     num_gpus = args.ray_actor_options.num_gpus
     if num_gpus == "auto":
         num_gpus = AUTO_GPU_FRACTION if cluster_gpus > 0 else 0.0
+    num_cpus = args.ray_actor_options.num_cpus
+    if num_cpus == "auto":
+        num_cpus = 1 if num_gpus > 0 else max(1, int(node_cpus))
     options: dict[str, Any] = {
         "name": args.name,
-        "ray_actor_options": {"num_cpus": args.ray_actor_options.num_cpus, "num_gpus": num_gpus},
+        "ray_actor_options": {"num_cpus": num_cpus, "num_gpus": num_gpus},
         "max_ongoing_requests": args.max_ongoing_requests,
         "max_queued_requests": args.max_queued_requests,
+        # Serve's own answer when max_queued_requests wait at the proxy: the same status as the replica's.
+        "backpressure_config": {"status_code": 503, "retry_after_s": args.proxy_retry_after_s},
+        # A replica that cannot load its model fails the same way the next time: fail the deploy at the
+        # first failure, with its error, rather than after minutes of retries.
+        "max_constructor_retry_count": args.max_constructor_retry_count,
     }
     if args.num_replicas is not None:
         options["num_replicas"] = args.num_replicas
@@ -244,11 +294,13 @@ def deployment_options(args: ServeArgs, cluster_gpus: float) -> dict[str, Any]:
     return options
 
 
-def build_app(args: ServeArgs | Mapping[str, Any]) -> Application:
+def build_app(args: ServeArgs | Mapping[str, Any], *, replica_env: Mapping[str, str] | None = None) -> Application:
     """The Serve application for ``args`` (a `ServeArgs`, or the mapping ``serve.yaml`` passes).
 
     Resolving ``num_gpus: auto`` asks the cluster for its GPUs, so Ray must be running; when it is
     not, this connects to ``RAY_ADDRESS`` or starts a local Ray, as ``serve.run`` would.
+    ``replica_env``: environment variables for the replicas (``sentiment serve`` sets
+    ``HF_HUB_OFFLINE=1`` once it has fetched the model into the cache they share).
     """
     import ray
     from ray import serve
@@ -257,7 +309,18 @@ def build_app(args: ServeArgs | Mapping[str, Any]) -> Application:
     if not ray.is_initialized():
         ray.init()
     cluster_gpus = ray.cluster_resources().get("GPU", 0.0)
-    options = deployment_options(args, cluster_gpus)
+    node_cpus = max((node["Resources"].get("CPU", 0.0) for node in ray.nodes() if node["Alive"]), default=1.0)
+    options = deployment_options(args, cluster_gpus, node_cpus)
+    if replica_env:
+        options["ray_actor_options"]["runtime_env"] = {"env_vars": dict(replica_env)}
+    if args.ray_actor_options.num_cpus == "auto":
+        logger.info(
+            "num_cpus auto: %s CPUs per replica (%s).",
+            options["ray_actor_options"]["num_cpus"],
+            "a GPU replica tokenizes on one"
+            if options["ray_actor_options"]["num_gpus"]
+            else "a CPU replica runs on every core of a node; one replica per node",
+        )
     if args.ray_actor_options.num_gpus == "auto":
         logger.info(
             "num_gpus auto: %s GPU per replica (the cluster has %s GPUs now). On an autoscaling cluster whose GPU "
@@ -266,8 +329,7 @@ def build_app(args: ServeArgs | Mapping[str, Any]) -> Application:
             cluster_gpus,
         )
     # The replica learns its resolved GPU share through its args, to set its memory cap.
-    resolved = args.model_copy(
-        update={"ray_actor_options": args.ray_actor_options.model_copy(update=options["ray_actor_options"])}
-    )
+    resources = {key: options["ray_actor_options"][key] for key in ("num_cpus", "num_gpus")}
+    resolved = args.model_copy(update={"ray_actor_options": args.ray_actor_options.model_copy(update=resources)})
     deployment = serve.deployment(**options)(serve.ingress()(SentimentServer))
     return deployment.bind(resolved)

@@ -23,6 +23,9 @@ DEFAULT_API_KEY_ENV = "SENTIMENT_API_KEY"
 # splits a gathered batch into forward passes of its own budget, so this only bounds how much work
 # one batch (and the latency of its requests) may hold.
 DEFAULT_GATHER_TOKENS = 16384
+# A client told "busy, retry in N s" after this long can go elsewhere; one that waited longer has
+# usually given up already (many HTTP clients time out after 10-30 s).
+DEFAULT_MAX_QUEUE_WAIT_S = 5.0
 
 
 def _invalid(message: str) -> PydanticCustomError:
@@ -35,12 +38,13 @@ class ActorOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    num_cpus: float = Field(
-        1,
-        ge=0,
+    num_cpus: Annotated[float, Field(ge=0)] | Literal["auto"] = Field(
+        "auto",
         description=(
-            "Logical CPUs per replica. Ray sets OMP_NUM_THREADS to this, so it is also the number of "
-            "threads a CPU replica's forward pass uses."
+            "Logical CPUs per replica. Ray sets OMP_NUM_THREADS to this, so it is also the number of threads "
+            "a CPU replica's forward pass uses (never more than the node's cores). 'auto': 1 for a GPU "
+            "replica (its CPU work is tokenizing); for a CPU replica, every CPU of the largest node, so one "
+            "replica per node runs its forward passes on all the cores."
         ),
     )
     num_gpus: Annotated[float, Field(ge=0)] | Literal["auto"] = Field(
@@ -149,6 +153,32 @@ class ServeArgs(BaseModel):
         description=(
             "How long a request that finds the replica idle waits for others before its batch runs. "
             "Requests that arrive while a batch runs need no wait: they all go into the next batch."
+        ),
+    )
+    max_queue_wait_s: float | None = Field(
+        DEFAULT_MAX_QUEUE_WAIT_S,
+        gt=0,
+        description=(
+            "Shed, don't stall: a request that finds more work queued on its replica than the replica runs in "
+            "this many seconds (estimated from its recent batches) is answered at once with 503 'overloaded' and "
+            "Retry-After, instead of waiting. None: never refuse; requests wait for their turn."
+        ),
+    )
+    proxy_retry_after_s: float = Field(
+        1.0,
+        ge=0,
+        description=(
+            "Retry-After of the plain-text 503 Serve's HTTP proxy answers once max_queued_requests requests wait "
+            "for full replicas (Serve's backpressure_config)."
+        ),
+    )
+    max_constructor_retry_count: int = Field(
+        1,
+        ge=1,
+        description=(
+            "Replica starts that may fail before Serve gives up on a new deployment (Serve's default is 20, "
+            "minutes of retries when a model cannot load). Once a replica has started, failed replicas are "
+            "always replaced."
         ),
     )
     max_texts_per_request: int = Field(64, ge=1, description="Most texts in one request; more gets 413.")

@@ -13,6 +13,7 @@ import sys
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
@@ -21,6 +22,7 @@ from deployments.args import ServeArgs
 from sentiment.cli import UsageError, add_model_arguments, load_config_file, model_config_from_args
 from sentiment.config import format_validation_error
 from sentiment.errors import SentimentError
+from sentiment.loading import fetch_checkpoint
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
@@ -109,22 +111,35 @@ def command_from_args(args: argparse.Namespace, file_data: Mapping[str, Any]) ->
 def run_serve(args: argparse.Namespace) -> int:
     """Deploy, print the URL, serve until Ctrl-C (or SIGTERM), then clean up."""
     command = command_from_args(args, load_config_file(args))
+    joined = bool(os.environ.get("RAY_ADDRESS"))
+    # Before Ray starts: a model that cannot be found or fetched fails here, in seconds. A hub id is
+    # downloaded once into the local cache (progress on the terminal); the replicas of a Ray started
+    # here share this machine's cache, so they load it offline and never download it again.
+    model = command.args.model
+    if not Path(model.model_id).expanduser().is_dir():
+        print(f"Fetching model {model.model_id} into the local Hugging Face cache (once)...", flush=True)
+    directory = fetch_checkpoint(model)
+    print(f"Model files: {directory}", flush=True)
+    replica_env = None if joined else {"HF_HUB_OFFLINE": "1"}
 
     import ray
     from ray import serve
 
     from deployments.app import build_app
 
-    joined = bool(os.environ.get("RAY_ADDRESS"))
     ray.init()
     # SIGTERM (docker stop, systemd) cleans up like Ctrl-C.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         serve.start(http_options={"host": command.host, "port": command.port})
         try:
-            serve.run(build_app(command.args), name=command.app_name, route_prefix=command.route_prefix)
+            serve.run(
+                build_app(command.args, replica_env=replica_env),
+                name=command.app_name,
+                route_prefix=command.route_prefix,
+            )
         except RuntimeError as exc:
-            raise SentimentError(f"the application did not start: {exc}") from exc
+            raise SentimentError(f"the application did not start: {_replica_failure(command.app_name) or exc}") from exc
         print(f"Serving {command.args.model.model_id} at {command.url} (API docs: {command.url}docs)", flush=True)
         print("Press Ctrl-C to stop.", flush=True)
         while True:
@@ -139,3 +154,19 @@ def run_serve(args: argparse.Namespace) -> int:
         else:
             serve.shutdown()
         ray.shutdown()
+
+
+def _replica_failure(app_name: str) -> str | None:
+    """The last line of the error a replica failed to start with (Serve buries it in its status message)."""
+    from ray import serve
+
+    try:
+        application = serve.status().applications[app_name]
+    except Exception:  # the controller may be gone already; the caller falls back to Serve's own message
+        return None
+    for deployment in application.deployments.values():
+        lines = [line.strip() for line in (deployment.message or "").splitlines() if line.strip()]
+        errors = [line for line in lines if "Error:" in line]
+        if errors:
+            return errors[-1]
+    return None

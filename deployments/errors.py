@@ -33,6 +33,8 @@ class ErrorType(str, Enum):
     """The model failed on a well-formed request."""
     UNHEALTHY = "unhealthy"
     """The replica is not ready (still warming up, or its model keeps failing)."""
+    OVERLOADED = "overloaded"
+    """The replica's queue already holds more work than it runs in `ServeArgs.max_queue_wait_s`; retry later."""
     INTERNAL = "internal"
     """A bug in this server; the replica keeps serving."""
 
@@ -46,12 +48,15 @@ STATUS: dict[ErrorType, int] = {
     ErrorType.NOT_FOUND: 404,
     ErrorType.BACKEND: 424,
     ErrorType.UNHEALTHY: 503,
+    ErrorType.OVERLOADED: 503,
     ErrorType.INTERNAL: 500,
 }
 """Status code of each error type; TEI's table plus the HTTP-only cases (401, 404).
 
-Overload never reaches this table: Serve's HTTP proxy answers 503 itself, before the replica,
-once `ServeArgs.max_queued_requests` requests wait.
+Overload has two answers, both 503 with ``Retry-After``: the replica's JSON ``overloaded`` error
+when its own queue is too long (`ServeArgs.max_queue_wait_s`), and Serve's HTTP proxy's plain-text
+body when every replica is at ``max_ongoing_requests`` and ``max_queued_requests`` more wait at the
+proxy (the app never sees those requests, so it cannot shape that answer).
 """
 
 
@@ -62,14 +67,21 @@ class ApiError(HTTPException):
     being read (by the body size guard).
     """
 
-    def __init__(self, error_type: ErrorType, message: str, status: int | None = None) -> None:
+    def __init__(
+        self,
+        error_type: ErrorType,
+        message: str,
+        status: int | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         self.error_type = error_type
         self.message = message
         self.status = STATUS[error_type] if status is None else status
-        super().__init__(status_code=self.status, detail=message)
+        if error_type is ErrorType.UNAUTHORIZED:
+            headers = {"WWW-Authenticate": "Bearer", **(headers or {})}
+        super().__init__(status_code=self.status, detail=message, headers=headers)
 
     def response(self) -> JSONResponse:
-        headers = {"WWW-Authenticate": "Bearer"} if self.error_type is ErrorType.UNAUTHORIZED else None
         return JSONResponse(
-            {"error": self.message, "error_type": self.error_type.value}, status_code=self.status, headers=headers
+            {"error": self.message, "error_type": self.error_type.value}, status_code=self.status, headers=self.headers
         )

@@ -7,23 +7,71 @@ text-embeddings-inference; ``/`` follows the Hugging Face Inference API, which i
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+from pydantic.json_schema import SkipJsonSchema
 
+from deployments.errors import ErrorType
 from sentiment.config import LongTextStrategy
 
 
+def _non_space_pattern() -> str:
+    """A regex for "holds a character that is not whitespace", whitespace meaning exactly ``str.isspace``.
+
+    The routes refuse a text that ``str.strip`` empties (`deployments.api._checked`); regex ``\\S``
+    disagrees on a few control characters (U+001C..U+001F), so the class is spelt out, in escapes
+    that both Python and ECMA-262 (JSON Schema's regex dialect) read the same way.
+    """
+    spaces = [code for code in range(0x10000) if chr(code).isspace()]
+    ranges: list[tuple[int, int]] = []
+    for code in spaces:
+        if ranges and ranges[-1][1] == code - 1:
+            ranges[-1] = (ranges[-1][0], code)
+        else:
+            ranges.append((code, code))
+    parts = [f"\\u{a:04x}" if a == b else f"\\u{a:04x}-\\u{b:04x}" for a, b in ranges]
+    return f"[^{''.join(parts)}]"
+
+
+# What the routes refuse as empty: a text must hold a character that is not whitespace.
+NON_EMPTY_PATTERN = _non_space_pattern()
+
+
+def _whole_number(value: Any) -> Any:
+    # JSON Schema counts 3.0 as an integer; strict validation alone would refuse it.
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+Positive = Annotated[int, Field(ge=1), BeforeValidator(_whole_number)]
+
+
+def _no_default(schema: dict[str, Any]) -> None:
+    # A field that may be left out but not sent as null: the document shows no null default.
+    schema.pop("default", None)
+
+
 class _Body(BaseModel):
-    # A misspelt field is an error that names it, not a silently ignored option.
-    model_config = ConfigDict(extra="forbid")
+    # A misspelt field is an error that names it, not a silently ignored option; and a value of the
+    # wrong JSON type (0 for false, "1" for 1) is an error, as the OpenAPI document says, not coerced.
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class ClassifyRequest(_Body):
     """``POST /v1/classify``: one text or a list of them."""
 
-    texts: list[str] | None = Field(None, description="Texts to classify; answers come back in this order.")
-    text: str | None = Field(None, description="A single text; give this or `texts`, not both.")
+    model_config = ConfigDict(
+        extra="forbid",
+        strict=True,
+        json_schema_extra={"oneOf": [{"required": ["text"]}, {"required": ["texts"]}]},
+    )
+
+    texts: list[str] | SkipJsonSchema[None] = Field(
+        None, description="Texts to classify; answers come back in this order.", json_schema_extra=_no_default
+    )
+    text: str | SkipJsonSchema[None] = Field(
+        None, description="A single text; give this or `texts`, not both.", json_schema_extra=_no_default
+    )
     long_text: LongTextStrategy | None = Field(
         None, description="How to cut a text longer than the model's limit; default: the server's setting."
     )
@@ -80,14 +128,21 @@ class PredictRequest(_Body):
 
 
 class InferenceParameters(_Body):
-    top_k: int | None = Field(None, ge=1, description="Return only the k most probable labels.")
-    function_to_apply: Literal["softmax", "none", "sigmoid"] | None = Field(
+    top_k: Positive | None = Field(None, description="Return only the k most probable labels.")
+    function_to_apply: Literal["softmax", "none"] | None = Field(
         None,
         description=(
             "'softmax' (default): probabilities. 'none': log-probabilities (see /predict raw_scores). "
-            "'sigmoid' is refused: the classifier keeps probabilities, not logits."
+            "The Inference API's 'sigmoid' is refused: the classifier keeps probabilities, not logits."
         ),
     )
+
+    @field_validator("function_to_apply", mode="before")
+    @classmethod
+    def _no_sigmoid(cls, value: Any) -> Any:
+        if value == "sigmoid":
+            raise ValueError("'sigmoid' is not supported; use 'softmax' or 'none'")
+        return value
 
 
 class InferenceRequest(_Body):
@@ -95,6 +150,38 @@ class InferenceRequest(_Body):
 
     inputs: str | list[str] = Field(description="One text, or a list of texts.")
     parameters: InferenceParameters = Field(default_factory=InferenceParameters)
+
+
+class ErrorBody(BaseModel):
+    """Every error a route answers itself (TEI's shape); Serve's proxy answers plain text (see the README)."""
+
+    error: str = Field(description="What went wrong, naming the field and the limit where there is one.")
+    error_type: ErrorType
+
+
+def document_limits(openapi: dict[str, Any], max_texts: int, max_chars: int) -> None:
+    """Write one server's request limits into its OpenAPI document, so that it promises what the routes accept.
+
+    The routes check these themselves (`deployments.api._checked`), to answer 400/413 with a message
+    naming the text; here they become ``minItems``/``maxItems`` and ``maxLength``/``pattern``.
+    """
+    schemas = openapi.get("components", {}).get("schemas", {})
+    fields = {"ClassifyRequest": ("text", "texts"), "PredictRequest": ("inputs",), "InferenceRequest": ("inputs",)}
+    for model, names in fields.items():
+        properties = schemas.get(model, {}).get("properties", {})
+        for name in names:
+            if name in properties:
+                _constrain(properties[name], max_texts, max_chars)
+
+
+def _constrain(schema: dict[str, Any], max_texts: int, max_chars: int) -> None:
+    for branch in schema.get("anyOf", []):
+        _constrain(branch, max_texts, max_chars)
+    if schema.get("type") == "string":
+        schema.update(minLength=1, maxLength=max_chars, pattern=NON_EMPTY_PATTERN)
+    elif schema.get("type") == "array":
+        schema.update(minItems=1, maxItems=max_texts)
+        _constrain(schema.setdefault("items", {"type": "string"}), max_texts, max_chars)
 
 
 class InfoResponse(BaseModel):
@@ -120,6 +207,8 @@ class InfoResponse(BaseModel):
     batch_max_tokens: int = Field(description="Most tokens gathered into one batch.")
     batch_wait_timeout_s: float
     max_ongoing_requests: int
+    max_queue_wait_s: float | None = Field(description="Queued work (seconds) above which requests get 503.")
+    queue_wait_s: float = Field(description="Seconds of work queued or running on this replica now.")
     max_texts_per_request: int
     max_chars_per_text: int
     replica_gpus: float = Field(description="GPUs this replica reserved from Ray.")

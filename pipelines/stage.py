@@ -23,6 +23,7 @@ import pyarrow as pa
 
 from pipelines.schema import with_predictions
 from sentiment.config import ModelConfig
+from sentiment.devices import limit_threads_to_cores
 from sentiment.encoding import EncodedText, TextEncoder, text_error
 from sentiment.errors import DeviceMemoryError, InvalidInputError
 from sentiment.model import Prediction, SentimentClassifier
@@ -108,8 +109,7 @@ class ModelStage:
         import ray
         import torch
 
-        # Never more torch threads than cores: OMP_NUM_THREADS comes from logical CPUs, which may exceed them.
-        torch.set_num_threads(max(1, min(torch.get_num_threads(), os.cpu_count() or 1)))
+        limit_threads_to_cores()
         self.classifier = SentimentClassifier(config, reserved_gpus=ray.get_gpu_ids())
         self.actor_log = actor_log
         self.key = f"{ray.get_runtime_context().get_actor_id()}"

@@ -2,7 +2,7 @@
 
 They take what they decide from as arguments (whether torch sees CUDA, the GPUs Ray reserved, the
 card's compute capability), so tests exercise every branch on a machine without a GPU; the
-classifier passes in the real values. No torch or ray import here.
+classifier passes in the real values. No ray import here; torch only inside `limit_threads_to_cores`.
 
 ``device: auto`` means *the device Ray reserved for this process*:
 
@@ -17,6 +17,7 @@ classifier passes in the real values. No torch or ray import here.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
 
 from sentiment.errors import ModelLoadError
@@ -116,3 +117,16 @@ def gpu_memory_fraction(configured: float | None, num_gpus: float) -> float | No
     if configured is not None:
         return configured
     return num_gpus if 0 < num_gpus < 1 else None
+
+
+def limit_threads_to_cores() -> int:
+    """Cap torch's intra-op threads at this machine's cores, and return the count.
+
+    Ray sets ``OMP_NUM_THREADS`` from an actor's logical CPUs, which a test or an operator may set
+    above the real cores; more threads than cores only makes a forward pass slower.
+    """
+    import torch
+
+    threads = max(1, min(torch.get_num_threads(), os.cpu_count() or 1))
+    torch.set_num_threads(threads)
+    return threads

@@ -1,7 +1,9 @@
 """Checkpoint loading, decided once: where a model id points, and its config, tokenizer and weights.
 
 `sentiment predict`, the Serve replicas, the batch job's planning and its tokenize and model stages
-all load through here, so a wrong ``--model`` gets the same error everywhere.
+all load through here, so a wrong ``--model`` gets the same error everywhere. `fetch_checkpoint`
+gets a hub checkpoint into the local cache once, before anything starts, so that ``sentiment serve``
+fails in seconds on a model it cannot get and its replicas never download anything.
 """
 
 from __future__ import annotations
@@ -17,9 +19,9 @@ if TYPE_CHECKING:
     import torch
 
 _OFFLINE_HINT = (
-    "To run without network access, point model_id (--model) at a local directory holding "
-    "config.json, the tokenizer files and model.safetensors (e.g. one written by "
-    "`huggingface-cli download <id> --local-dir <dir>` or `save_pretrained`), and set HF_HUB_OFFLINE=1."
+    "Fix: on a machine that reaches the hub, `hf download <id> --local-dir <dir>` (or `save_pretrained`), "
+    "then point model_id (--model) at that directory (config.json, tokenizer files, model.safetensors) "
+    "and set HF_HUB_OFFLINE=1."
 )
 
 
@@ -45,9 +47,69 @@ def _source(config: ModelConfig) -> tuple[str, dict[str, Any]]:
 
 
 def _failure(config: ModelConfig, exc: Exception) -> ModelLoadError:
+    """One message whose last line names the model, the cause and the fix."""
     revision = f" (revision {config.revision})" if config.revision else ""
-    what = f"could not load model {config.model_id!r}{revision}"
-    return ModelLoadError(f"{what}: {type(exc).__name__}: {exc}\n{_OFFLINE_HINT}")
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    cause = f"{type(exc).__name__}: {lines[0].rstrip('.') if lines else 'no detail'}"
+    if len(lines) > 1:
+        # The first line of a hub error is its cause ("Got: ConnectError: ..."); the rest stays above.
+        return ModelLoadError(
+            "\n".join(lines[1:]) + f"\ncould not load model {config.model_id!r}{revision}: {cause}. {_OFFLINE_HINT}"
+        )
+    return ModelLoadError(f"could not load model {config.model_id!r}{revision}: {cause}. {_OFFLINE_HINT}")
+
+
+# What a sequence classifier needs from a hub repository: config, tokenizer, and one format of weights
+# (safetensors when the repository has them; pickled .bin files only otherwise).
+_CHECKPOINT_FILES = ("*.json", "*.txt", "*.model")
+_SAFETENSORS = ("*.safetensors",)
+_PICKLED = ("pytorch_model*.bin",)
+_WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+
+
+def fetch_checkpoint(config: ModelConfig) -> Path:
+    """The checkpoint's local directory, downloaded into the Hugging Face cache first if it is a hub id.
+
+    Checks what loading needs (config, fast tokenizer, a weights file) without loading the weights,
+    so a wrong model fails here, in seconds, with `ModelLoadError` naming the model, the cause and
+    the fix. Download progress goes to the terminal (stderr). With ``HF_HUB_OFFLINE=1`` or
+    ``local_files_only``, a hub id must already be in the cache.
+    """
+    source, common = _source(config)
+    directory = Path(source) if Path(source).is_dir() else _download(config, source, common)
+    if not any((directory / name).is_file() for name in _WEIGHT_FILES):
+        raise ModelLoadError(
+            f"could not load model {config.model_id!r}: {directory} has no weights "
+            f"({' or '.join(_WEIGHT_FILES[::2])}). {_OFFLINE_HINT}"
+        )
+    local = config.model_copy(update={"model_id": str(directory), "revision": None})
+    load_model_config(local)
+    load_tokenizer(local)
+    return directory
+
+
+def _download(config: ModelConfig, repo_id: str, common: dict[str, Any]) -> Path:
+    from huggingface_hub import model_info, snapshot_download
+    from huggingface_hub.constants import HF_HUB_OFFLINE
+
+    offline = bool(common["local_files_only"]) or HF_HUB_OFFLINE
+    try:
+        patterns = [*_CHECKPOINT_FILES, *_SAFETENSORS, *_PICKLED]
+        if not offline:
+            # One request (the repository's file list): the tree listing retries for half a minute offline.
+            files = model_info(repo_id, revision=common["revision"]).siblings or []
+            has_safetensors = any(file.rfilename.endswith(".safetensors") for file in files)
+            patterns = [*_CHECKPOINT_FILES, *(_SAFETENSORS if has_safetensors else _PICKLED)]
+        return Path(
+            snapshot_download(repo_id, revision=common["revision"], allow_patterns=patterns, local_files_only=offline)
+        )
+    except Exception as exc:
+        raise _failure(config, exc) from exc
 
 
 def load_model_config(config: ModelConfig) -> Any:

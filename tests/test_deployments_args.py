@@ -82,10 +82,15 @@ def test_api_key_comes_from_the_config_or_the_environment() -> None:
 def test_auto_gpus_give_four_replicas_per_gpu_on_a_gpu_cluster_and_cpu_replicas_otherwise() -> None:
     args = shipped_args()
     assert args.ray_actor_options.num_gpus == "auto"
-    on_gpus = deployment_options(args, cluster_gpus=1)
+    assert args.ray_actor_options.num_cpus == "auto"
+    on_gpus = deployment_options(args, cluster_gpus=1, node_cpus=16)
+    # A GPU replica tokenizes on one CPU; a CPU replica runs its forward passes on every core of a node.
     assert on_gpus["ray_actor_options"] == {"num_cpus": 1, "num_gpus": 0.25}
     assert on_gpus["autoscaling_config"]["max_replicas"] * 0.25 == 1
-    assert deployment_options(args, cluster_gpus=0)["ray_actor_options"] == {"num_cpus": 1, "num_gpus": 0.0}
+    assert deployment_options(args, cluster_gpus=0, node_cpus=16)["ray_actor_options"] == {
+        "num_cpus": 16,
+        "num_gpus": 0.0,
+    }
 
 
 def test_deployment_options_come_from_the_args() -> None:
@@ -102,6 +107,8 @@ def test_deployment_options_come_from_the_args() -> None:
         "ray_actor_options": {"num_cpus": 2, "num_gpus": 0.5},
         "max_ongoing_requests": 70,
         "max_queued_requests": 9,
+        "backpressure_config": {"status_code": 503, "retry_after_s": 1.0},
+        "max_constructor_retry_count": 1,
         "num_replicas": 3,
     }
     autoscaled = deployment_options(ServeArgs(), cluster_gpus=0)

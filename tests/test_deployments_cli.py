@@ -153,3 +153,42 @@ def test_ray_serve_cli_runs_the_shipped_config(tiny_checkpoint: Path, tmp_path: 
     path.write_text(yaml.safe_dump(config))
     serve_cli = Path(sys.executable).parent / "serve"
     _serve_until_interrupted([str(serve_cli), "run", str(path)], port, prefix="/sentiment")
+
+
+def test_a_model_that_cannot_be_fetched_fails_before_ray_starts_naming_model_and_fix() -> None:
+    # HF_HUB_OFFLINE=1 stands in for a machine that cannot reach the hub: the id is not in the cache.
+    done = subprocess.run(
+        [sys.executable, "-m", "sentiment", "serve", "--model", "someone/not-downloaded", "--port", str(free_port())],
+        cwd=REPO,
+        env=_environment(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 1, done.stdout + done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("sentiment serve: error: could not load model 'someone/not-downloaded': ")
+    assert "--local-dir <dir>" in last
+    assert "HF_HUB_OFFLINE=1" in last
+    assert "Ray" not in done.stdout + done.stderr
+
+
+def test_a_replica_that_cannot_load_fails_the_deploy_once_with_its_error(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    """The driver's check passes (config, tokenizer, a weights file); the replica's load does not."""
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for file in tiny_checkpoint.iterdir():
+        (broken / file.name).write_bytes(file.read_bytes())
+    (broken / "model.safetensors").write_bytes(b"not safetensors")
+    done = subprocess.run(
+        [sys.executable, "-m", "sentiment", "serve", "--model", str(broken), "--port", str(free_port())],
+        cwd=REPO,
+        env=_environment(),
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert done.returncode == 1, done.stdout[-3000:] + done.stderr[-3000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("sentiment serve: error: the application did not start: sentiment.errors.ModelLoadError: ")
+    assert f"could not load model '{broken}'" in last

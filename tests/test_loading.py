@@ -52,10 +52,11 @@ def test_unreachable_hub_model_explains_how_to_run_offline(monkeypatch: pytest.M
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ModelLoadError) as info:
         SentimentClassifier(ModelConfig(model_id="no-such-org/no-such-model", local_files_only=True))
-    message = str(info.value)
-    assert "could not load model 'no-such-org/no-such-model'" in message
-    assert "local directory" in message
-    assert "HF_HUB_OFFLINE=1" in message
+    # The last line names the model, the cause and the fix.
+    last = str(info.value).splitlines()[-1]
+    assert last.startswith("could not load model 'no-such-org/no-such-model': ")
+    assert "--local-dir <dir>" in last
+    assert "HF_HUB_OFFLINE=1" in last
 
 
 def test_checkpoint_code_is_never_trusted(checkpoints: Path) -> None:
@@ -75,3 +76,42 @@ def test_cuda_device_without_a_gpu_is_a_clear_error(tiny_checkpoint: Path) -> No
         pytest.skip("this machine has a GPU")
     with pytest.raises(ModelLoadError, match="sees no CUDA GPU"):
         SentimentClassifier(ModelConfig(model_id=str(tiny_checkpoint), device="cuda"))
+
+
+def test_fetch_checks_a_local_directory_without_loading_its_weights(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    from sentiment.loading import fetch_checkpoint
+
+    assert fetch_checkpoint(ModelConfig(model_id=str(tiny_checkpoint))) == tiny_checkpoint.resolve()
+    no_weights = tmp_path / "no-weights"
+    no_weights.mkdir()
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        (no_weights / name).write_bytes((tiny_checkpoint / name).read_bytes())
+    with pytest.raises(ModelLoadError, match=r"no weights \(model.safetensors or pytorch_model.bin\)"):
+        fetch_checkpoint(ModelConfig(model_id=str(no_weights)))
+
+
+def test_fetch_finds_a_hub_checkpoint_in_the_cache_offline_and_names_model_and_fix_when_absent(
+    tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With HF_HUB_OFFLINE=1 (conftest), a hub id resolves from the cache, laid out as the hub writes it."""
+    from huggingface_hub import constants
+
+    from sentiment.loading import fetch_checkpoint
+
+    commit = "0" * 40
+    repo = tmp_path / "models--someone--tiny-imdb"
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    for file in tiny_checkpoint.iterdir():
+        (snapshot / file.name).write_bytes(file.read_bytes())
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+
+    assert fetch_checkpoint(ModelConfig(model_id="someone/tiny-imdb")) == snapshot
+    with pytest.raises(ModelLoadError) as missing:
+        fetch_checkpoint(ModelConfig(model_id="someone/not-downloaded"))
+    last = str(missing.value).splitlines()[-1]
+    assert last.startswith("could not load model 'someone/not-downloaded': LocalEntryNotFoundError")
+    assert "--local-dir" in last
+    assert "HF_HUB_OFFLINE=1" in last

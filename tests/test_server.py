@@ -8,6 +8,7 @@ requests of the same batch their predictions, and the replica stays healthy.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -150,3 +151,61 @@ def test_refused_requests_carry_no_timings(client: TestClient) -> None:
     response = client.post("/v1/classify", json={"texts": [" "]})
     assert response.status_code == 400
     assert "x-total-time" not in response.headers
+
+
+def slow_server(checkpoint: Path, monkeypatch: pytest.MonkeyPatch, max_queue_wait_s: float | None) -> SentimentServer:
+    """A replica whose every forward pass takes 0.1 s more: a model slower than its load."""
+    model = ModelConfig(model_id=str(checkpoint), device="cpu")
+    classifier = SentimentClassifier(model)
+    original = classifier._forward_batch
+
+    def slow(batch: list[list[int]]) -> np.ndarray:
+        time.sleep(0.1)
+        return original(batch)
+
+    server = SentimentServer(ServeArgs(model=model, max_queue_wait_s=max_queue_wait_s), classifier=classifier)
+    monkeypatch.setattr(classifier, "_forward_batch", slow)
+    return server
+
+
+def test_a_replica_with_too_much_work_queued_sheds_requests_with_503_and_retry_after(
+    tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server = slow_server(tiny_checkpoint, monkeypatch, max_queue_wait_s=0.2)
+    burst = [[f"review {i} was a fine film"] for i in range(12)]
+
+    async def run() -> list[list[Prediction] | BaseException]:
+        # The first batch teaches the replica its pace (about 0.1 s for a few dozen tokens).
+        await server.classify(["a first review"])
+        return await classify_all(server, burst)
+
+    results = asyncio.run(run())
+    served = [result for result in results if isinstance(result, list)]
+    shed = [result for result in results if isinstance(result, ApiError)]
+    assert len(served) + len(shed) == len(burst)
+    # The first request of the burst finds nothing queued; the queue then outgrows 0.2 s of work.
+    assert isinstance(results[0], list)
+    assert served
+    assert shed
+    for error in shed:
+        assert (error.status, error.error_type) == (503, ErrorType.OVERLOADED)
+        assert error.headers is not None
+        assert int(error.headers["Retry-After"]) >= 1
+        assert "max_queue_wait_s 0.2" in error.message
+    assert all(len(result) == 1 for result in served)
+    # Nothing stays counted once the burst is answered, so the next request runs.
+    assert server.queue_wait_s == 0
+    (after,) = asyncio.run(classify_all(server, [["and one more"]]))
+    assert isinstance(after, list)
+
+
+def test_without_a_queue_bound_every_request_waits_its_turn(
+    tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server = slow_server(tiny_checkpoint, monkeypatch, max_queue_wait_s=None)
+
+    async def run() -> list[list[Prediction] | BaseException]:
+        await server.classify(["a first review"])
+        return await classify_all(server, [[f"review {i}"] for i in range(12)])
+
+    assert all(isinstance(result, list) for result in asyncio.run(run()))
