@@ -76,9 +76,10 @@ class SentimentServer:
         self.batch_max_texts = args.effective_batch_max_texts
         self.batch_max_tokens = args.effective_batch_max_tokens
         self._failures = 0
-        # Shedding: tokens submitted and not yet answered, and the model's recent pace (None until a batch ran).
-        self._pending_tokens = 0
-        self._tokens_per_s: float | None = None
+        # Shedding: work submitted and not yet answered, in batch units (`_batch_size`), and the pace of
+        # well-filled batches in units per second (None until one ran).
+        self._pending_units = 0
+        self._units_per_s: float | None = None
         self._oom_splits_seen = self.classifier.oom_splits
         self.metrics = metrics or EndpointMetrics()
         # A batch's size is one number, so `_batch_size` folds the text and token limits into text
@@ -162,21 +163,28 @@ class SentimentServer:
                         f"{self.classifier.max_length} (send truncate: true to cut it)",
                     )
         tokens = sum(len(window) for text in encoded for window in text.windows)
+        work = _Work(encoded, tokens, field, time.perf_counter(), times)
+        units = self._batch_size([work])
         # No await between the check and the count: concurrent requests are admitted one at a time.
         self._admit()
-        self._pending_tokens += tokens
+        self._pending_units += units
         self.metrics.record_texts(encoded)
         try:
-            return await self._batcher.submit(_Work(encoded, tokens, field, time.perf_counter(), times))
+            return await self._batcher.submit(work)
         finally:
-            self._pending_tokens -= tokens
+            self._pending_units -= units
 
     @property
     def queue_wait_s(self) -> float:
-        """Seconds of work already queued or running on this replica, at its recent pace (0 before any batch)."""
-        if not self._tokens_per_s:
+        """Seconds of work queued or running on this replica, at the pace of its well-filled batches.
+
+        0 until a batch at least half full has run: small batches are mostly fixed cost per pass,
+        so their pace would overstate the wait of a burst many times over (a false "busy" is worse
+        than a burst admitted on an optimistic guess; the first full batch corrects it).
+        """
+        if not self._units_per_s:
             return 0.0
-        return self._pending_tokens / self._tokens_per_s
+        return self._pending_units / self._units_per_s
 
     def _admit(self) -> None:
         """Refuse a request at once when the work ahead of it would keep it waiting over max_queue_wait_s."""
@@ -223,11 +231,12 @@ class SentimentServer:
         self._failures = 0
         seconds = time.perf_counter() - started
         batch_tokens = sum(work.num_tokens for work in batch)
-        if seconds > 0:
-            pace = batch_tokens / seconds
-            # A moving average over the last few batches: follows a slowdown (a replica starting beside this
-            # one, longer texts) within a few batches without jumping on one odd batch.
-            self._tokens_per_s = pace if self._tokens_per_s is None else 0.7 * self._tokens_per_s + 0.3 * pace
+        units = self._batch_size(batch)
+        if seconds > 0 and 2 * units >= self._batcher.max_size:
+            pace = units / seconds
+            # A moving average over the last few full batches: follows a slowdown (a replica starting beside
+            # this one, longer texts) within a few batches without jumping on one odd batch.
+            self._units_per_s = pace if self._units_per_s is None else 0.7 * self._units_per_s + 0.3 * pace
         for work in batch:
             work.times.inference = seconds
         self.metrics.record_batch(len(encoded), batch_tokens, seconds)
@@ -294,13 +303,21 @@ def deployment_options(args: ServeArgs, cluster_gpus: float, node_cpus: float = 
     return options
 
 
-def build_app(args: ServeArgs | Mapping[str, Any], *, replica_env: Mapping[str, str] | None = None) -> Application:
+def build_app(args: ServeArgs | Mapping[str, Any]) -> Application:
     """The Serve application for ``args`` (a `ServeArgs`, or the mapping ``serve.yaml`` passes).
 
-    Resolving ``num_gpus: auto`` asks the cluster for its GPUs, so Ray must be running; when it is
-    not, this connects to ``RAY_ADDRESS`` or starts a local Ray, as ``serve.run`` would.
-    ``replica_env``: environment variables for the replicas (``sentiment serve`` sets
-    ``HF_HUB_OFFLINE=1`` once it has fetched the model into the cache they share).
+    Serve's application builders take exactly this one argument; see `application` for the rest.
+    """
+    return application(args)
+
+
+def application(args: ServeArgs | Mapping[str, Any], *, replica_env: Mapping[str, str] | None = None) -> Application:
+    """`build_app`, with environment variables for the replicas.
+
+    ``sentiment serve`` sets ``HF_HUB_OFFLINE=1`` there once it has fetched the model into the cache
+    the replicas share. Resolving ``auto`` resources asks the cluster for its GPUs and CPUs, so Ray
+    must be running; when it is not, this connects to ``RAY_ADDRESS`` or starts a local Ray, as
+    ``serve.run`` would.
     """
     import ray
     from ray import serve

@@ -125,7 +125,7 @@ def run_serve(args: argparse.Namespace) -> int:
     import ray
     from ray import serve
 
-    from deployments.app import build_app
+    from deployments.app import application
 
     ray.init()
     # SIGTERM (docker stop, systemd) cleans up like Ctrl-C.
@@ -134,7 +134,7 @@ def run_serve(args: argparse.Namespace) -> int:
         serve.start(http_options={"host": command.host, "port": command.port})
         try:
             serve.run(
-                build_app(command.args, replica_env=replica_env),
+                application(command.args, replica_env=replica_env),
                 name=command.app_name,
                 route_prefix=command.route_prefix,
             )

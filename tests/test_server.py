@@ -163,7 +163,9 @@ def slow_server(checkpoint: Path, monkeypatch: pytest.MonkeyPatch, max_queue_wai
         time.sleep(0.1)
         return original(batch)
 
-    server = SentimentServer(ServeArgs(model=model, max_queue_wait_s=max_queue_wait_s), classifier=classifier)
+    server = SentimentServer(
+        ServeArgs(model=model, max_queue_wait_s=max_queue_wait_s, batch_max_texts=4), classifier=classifier
+    )
     monkeypatch.setattr(classifier, "_forward_batch", slow)
     return server
 
@@ -175,15 +177,19 @@ def test_a_replica_with_too_much_work_queued_sheds_requests_with_503_and_retry_a
     burst = [[f"review {i} was a fine film"] for i in range(12)]
 
     async def run() -> list[list[Prediction] | BaseException]:
-        # The first batch teaches the replica its pace (about 0.1 s for a few dozen tokens).
+        # A lone request runs in a batch of one: too small to judge the pace by, so nothing is shed yet.
         await server.classify(["a first review"])
+        assert server.queue_wait_s == 0
+        # A full batch (4 texts) teaches the replica its pace: about 0.1 s per 4 texts.
+        await server.classify([f"warm-up review {i}" for i in range(4)])
         return await classify_all(server, burst)
 
     results = asyncio.run(run())
     served = [result for result in results if isinstance(result, list)]
     shed = [result for result in results if isinstance(result, ApiError)]
     assert len(served) + len(shed) == len(burst)
-    # The first request of the burst finds nothing queued; the queue then outgrows 0.2 s of work.
+    # The first request of the burst finds nothing queued; the queue then outgrows 0.2 s of work
+    # (8 texts at 4 per 0.1 s).
     assert isinstance(results[0], list)
     assert served
     assert shed
@@ -205,7 +211,7 @@ def test_without_a_queue_bound_every_request_waits_its_turn(
     server = slow_server(tiny_checkpoint, monkeypatch, max_queue_wait_s=None)
 
     async def run() -> list[list[Prediction] | BaseException]:
-        await server.classify(["a first review"])
+        await server.classify([f"warm-up review {i}" for i in range(4)])
         return await classify_all(server, [[f"review {i}"] for i in range(12)])
 
     assert all(isinstance(result, list) for result in asyncio.run(run()))
