@@ -112,11 +112,14 @@ class ServeArgs(BaseModel):
     )
     ray_actor_options: ActorOptions = Field(default_factory=ActorOptions, description="Resources per replica.")
     max_ongoing_requests: int = Field(
-        128,
+        1024,
         ge=1,
         description=(
-            "Requests one replica holds at once (Serve's max_ongoing_requests). At least the batch's text "
-            "count, or batches never fill: Serve stops sending requests before a batch is full."
+            "Requests one replica holds at once (Serve's max_ongoing_requests). High on purpose: the replica "
+            "bounds its own queue by time (max_queue_wait_s). Requests Serve cannot hand to a full replica wait "
+            "in its router, which retries them with backoff: measured on 2 CPUs with a tiny model, 256 clients "
+            "got 15 answers/s with 128 here against 123/s with 512. At least the batch's text count, or "
+            "batches never fill."
         ),
     )
     max_queued_requests: int = Field(

@@ -127,7 +127,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
     from deployments.app import application
 
-    ray.init()
+    context = ray.init()
     # SIGTERM (docker stop, systemd) cleans up like Ctrl-C.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
@@ -141,6 +141,8 @@ def run_serve(args: argparse.Namespace) -> int:
         except RuntimeError as exc:
             raise SentimentError(f"the application did not start: {_replica_failure(command.app_name) or exc}") from exc
         print(f"Serving {command.args.model.model_id} at {command.url} (API docs: {command.url}docs)", flush=True)
+        for line in operator_hints(context.dashboard_url, os.environ):
+            print(line, flush=True)
         print("Press Ctrl-C to stop.", flush=True)
         while True:
             time.sleep(3600)
@@ -154,6 +156,23 @@ def run_serve(args: argparse.Namespace) -> int:
         else:
             serve.shutdown()
         ray.shutdown()
+
+
+def operator_hints(dashboard_url: str | None, environ: Mapping[str, str]) -> list[str]:
+    """How to look at this Ray with its own tools: the dashboard, and the CLIs under token authentication.
+
+    Ray 2.60 enables token authentication on a local Ray it starts (the token is in ~/.ray/auth_token)
+    and sets ``RAY_AUTH_MODE=token`` in the starting process only; in another shell, ``serve status`` and
+    ``ray status`` answer "Authentication required" unless that variable is set there too.
+    """
+    hints = []
+    token = environ.get("RAY_AUTH_MODE", "").lower() == "token"
+    if dashboard_url:
+        url = dashboard_url if "://" in dashboard_url else f"http://{dashboard_url}"
+        hints.append(f"Ray dashboard: {url}" + (" (its API needs the token in ~/.ray/auth_token)" if token else ""))
+    if token:
+        hints.append("Ray's CLIs on this Ray, from another shell: RAY_AUTH_MODE=token serve status (or ray status)")
+    return hints
 
 
 def _replica_failure(app_name: str) -> str | None:

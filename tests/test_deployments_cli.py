@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -93,7 +94,13 @@ def _environment() -> dict[str, str]:
     return env
 
 
-def _serve_until_interrupted(argv: list[str], port: int, prefix: str = "", ready_line: str = "") -> str:
+def _serve_until_interrupted(
+    argv: list[str],
+    port: int,
+    prefix: str = "",
+    ready_line: str = "",
+    while_serving: Callable[[], None] | None = None,
+) -> str:
     """Run a serving command until it prints ``ready_line`` and answers; Ctrl-C it; its output."""
     process = subprocess.Popen(
         argv, cwd=REPO, env=_environment(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
@@ -117,6 +124,8 @@ def _serve_until_interrupted(argv: list[str], port: int, prefix: str = "", ready
         response = httpx.post(f"{base}/v1/classify", json={"texts": ["a good film", "bad"]}, timeout=60)
         assert response.status_code == 200
         assert [p["num_tokens"] for p in response.json()["predictions"]] == [5, 3]
+        if while_serving is not None:
+            while_serving()
         process.send_signal(signal.SIGINT)
         process.wait(timeout=90)
     finally:
@@ -133,12 +142,26 @@ def _serve_until_interrupted(argv: list[str], port: int, prefix: str = "", ready
 
 def test_sentiment_serve_serves_prints_the_url_and_stops_cleanly_on_ctrl_c(tiny_checkpoint: Path) -> None:
     port = free_port()
+    statuses: list[subprocess.CompletedProcess[str]] = []
+
+    def serve_status() -> None:
+        # What the printed hint tells an operator to run from another shell (Ray 2.60 token auth).
+        serve_cli = str(Path(sys.executable).with_name("serve"))
+        env = {**_environment(), "RAY_AUTH_MODE": "token"}
+        statuses.append(subprocess.run([serve_cli, "status"], env=env, capture_output=True, text=True, timeout=60))
+
     output = _serve_until_interrupted(
         [sys.executable, "-m", "sentiment", "serve", "--model", str(tiny_checkpoint), "--port", str(port)],
         port,
         ready_line="Serving ",
+        while_serving=serve_status,
     )
     assert f"Serving {tiny_checkpoint} at http://127.0.0.1:{port}/" in output
+    assert "Ray's CLIs on this Ray, from another shell: RAY_AUTH_MODE=token serve status" in output
+    (status,) = statuses
+    assert status.returncode == 0, status.stderr[-2000:]
+    assert "SentimentClassifier" in status.stdout
+    assert "HEALTHY" in status.stdout
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5)
 
@@ -192,3 +215,14 @@ def test_a_replica_that_cannot_load_fails_the_deploy_once_with_its_error(tiny_ch
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith("sentiment serve: error: the application did not start: sentiment.errors.ModelLoadError: ")
     assert f"could not load model '{broken}'" in last
+
+
+def test_operator_hints_name_the_dashboard_and_the_token_for_rays_clis() -> None:
+    from deployments.cli import operator_hints
+
+    assert operator_hints("127.0.0.1:8265", {"RAY_AUTH_MODE": "token"}) == [
+        "Ray dashboard: http://127.0.0.1:8265 (its API needs the token in ~/.ray/auth_token)",
+        "Ray's CLIs on this Ray, from another shell: RAY_AUTH_MODE=token serve status (or ray status)",
+    ]
+    assert operator_hints("http://127.0.0.1:8265", {}) == ["Ray dashboard: http://127.0.0.1:8265"]
+    assert operator_hints(None, {}) == []
