@@ -204,7 +204,7 @@ def online(setup: Setup) -> dict[str, Any]:
             {"model": {"model_id": str(setup.checkpoint)}, "num_replicas": REPLICAS, "ray_actor_options": actor_options}
         )
     )
-    argv = [sys.executable, "-m", "sentiment", "serve", "--config", str(config), "--port", str(port)]
+    argv = [sys.executable, "-m", "ray_sentiment", "serve", "--config", str(config), "--port", str(port)]
     base = f"http://127.0.0.1:{port}"
     with Background(argv, setup.out / "serve.log") as server:
         server.wait_for("Serving ", timeout_s=420)

@@ -58,7 +58,17 @@ def environment() -> dict[str, str]:
 
 
 def batch_command(corpus: Path, output: Path, checkpoint: Path, *flags: str) -> list[str]:
-    return [sys.executable, "-m", "sentiment", "batch", str(corpus), str(output), "--model", str(checkpoint), *flags]
+    return [
+        sys.executable,
+        "-m",
+        "ray_sentiment",
+        "batch",
+        str(corpus),
+        str(output),
+        "--model",
+        str(checkpoint),
+        *flags,
+    ]
 
 
 def timed(argv: list[str], log: Path) -> float:

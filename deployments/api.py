@@ -1,6 +1,7 @@
 """The HTTP routes of a replica: parse and check requests, call the server, shape answers.
 
-Transport only: the model work is `SentimentServer.classify`. Every error leaves as
+Transport only: the model work is the engine's ``classify`` (`deployments.app.SentimentServer` in a
+replica, anything with the `Engine` shape in a test). Every error leaves as
 ``{"error": ..., "error_type": ...}`` with the status from `deployments.errors.STATUS`, and
 bad input never reaches the model.
 """
@@ -11,9 +12,9 @@ import contextlib
 import hmac
 import math
 import time
-from collections.abc import Awaitable, Callable, Iterator, MutableMapping
+from collections.abc import Awaitable, Callable, Iterator, MutableMapping, Sequence
 from importlib import resources
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
@@ -21,8 +22,9 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from starlette.exceptions import HTTPException
 from starlette.routing import BaseRoute, Match
 
+from deployments.args import ServeArgs
 from deployments.errors import ApiError, ErrorType
-from deployments.metrics import StageTimes
+from deployments.metrics import EndpointMetrics, StageTimes
 from deployments.schemas import (
     ClassifyRequest,
     ClassifyResponse,
@@ -35,10 +37,32 @@ from deployments.schemas import (
     document_limits,
 )
 from sentiment.config import LongTextStrategy
-from sentiment.model import Prediction
+from sentiment.model import Prediction, SentimentClassifier
 
-if TYPE_CHECKING:
-    from deployments.app import SentimentServer
+
+class Engine(Protocol):
+    """What the routes use of a replica: its args, classifier, key and metrics, health, info and classify."""
+
+    args: ServeArgs
+    classifier: SentimentClassifier
+    api_key: str | None
+    metrics: EndpointMetrics
+
+    @property
+    def healthy(self) -> bool: ...
+
+    def info(self) -> dict[str, Any]: ...
+
+    async def classify(
+        self,
+        texts: Sequence[str],
+        long_text: LongTextStrategy | None = None,
+        *,
+        field: str = "texts",
+        cut: bool = True,
+        times: StageTimes | None = None,
+    ) -> list[Prediction]: ...
+
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -98,7 +122,7 @@ def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
 _CLASSIFY_ERRORS = _errors(400, 413, 422, 424, 503)
 
 
-def create_api(server: SentimentServer) -> FastAPI:
+def create_api(server: Engine) -> FastAPI:
     """The FastAPI app of one replica; its routes close over ``server``."""
     app = FastAPI(
         title="Sentiment classifier",
@@ -216,7 +240,7 @@ def _methods(app: FastAPI, request: Request) -> list[str]:
     return sorted(methods)
 
 
-def _document(app: FastAPI, server: SentimentServer) -> None:
+def _document(app: FastAPI, server: Engine) -> None:
     """Make ``/openapi.json`` this server's: its request limits, and its API key as a bearer scheme."""
     build = app.openapi
 
@@ -242,7 +266,7 @@ def _document(app: FastAPI, server: SentimentServer) -> None:
 
 
 @contextlib.contextmanager
-def _timed(server: SentimentServer, response: Response) -> Iterator[StageTimes]:
+def _timed(server: Engine, response: Response) -> Iterator[StageTimes]:
     """Time a classify call; on success, set TEI's timing headers (milliseconds) and record the histograms."""
     times = StageTimes()
     started = time.perf_counter()
@@ -258,7 +282,7 @@ def _timed(server: SentimentServer, response: Response) -> Iterator[StageTimes]:
     server.metrics.record_stages(seconds)
 
 
-def _checked(texts: list[str], field: str, server: SentimentServer) -> list[str]:
+def _checked(texts: list[str], field: str, server: Engine) -> list[str]:
     """The texts, if within the limits; else the error naming the field and the limit."""
     limits = server.args
     if not texts:
@@ -325,7 +349,7 @@ class _Guard:
     """
 
     def __init__(
-        self, app: Callable[[Scope, Receive, Send], Awaitable[None]], server: SentimentServer, max_body_bytes: int
+        self, app: Callable[[Scope, Receive, Send], Awaitable[None]], server: Engine, max_body_bytes: int
     ) -> None:
         self.app = app
         self.server = server

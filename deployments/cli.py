@@ -22,6 +22,7 @@ from deployments.args import ServeArgs
 from sentiment.cli import UsageError, add_model_arguments, load_config_file, model_config_from_args
 from sentiment.config import format_validation_error
 from sentiment.errors import SentimentError
+from sentiment.flags import add_flags, flag_values
 from sentiment.loading import fetch_checkpoint
 
 DEFAULT_HOST = "127.0.0.1"
@@ -62,8 +63,7 @@ def register(commands: Any) -> None:
     group.add_argument("--host", help=f"address the HTTP proxy binds (default {DEFAULT_HOST})")
     group.add_argument("--port", type=int, help=f"HTTP port (default {DEFAULT_PORT})")
     group.add_argument("--route-prefix", help="URL prefix of the app (default /)")
-    group.add_argument("--num-replicas", type=int, help="a fixed number of replicas instead of autoscaling")
-    parser.set_defaults(handler=run_serve)
+    parser.set_defaults(handler=run_serve, _serve_flags=add_flags(group, ServeArgs, only=("num_replicas",)))
 
 
 def command_from_args(args: argparse.Namespace, file_data: Mapping[str, Any]) -> ServeCommand:
@@ -86,9 +86,10 @@ def command_from_args(args: argparse.Namespace, file_data: Mapping[str, Any]) ->
         raise UsageError("http_options: must be a mapping with host and port")
 
     section["model"] = model_config_from_args(args, {"model": section.get("model")})
-    if args.num_replicas is not None:
-        section["num_replicas"] = args.num_replicas
+    flags = flag_values(args, getattr(args, "_serve_flags", {}))
+    if "num_replicas" in flags:
         section.pop("autoscaling", None)
+    section.update(flags)
     try:
         serve_args = ServeArgs.model_validate(section)
     except ValidationError as exc:

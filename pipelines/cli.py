@@ -15,15 +15,9 @@ from typing import Any
 from pipelines.args import PipelineArgs, parse_pipeline_args
 from sentiment.cli import UsageError, add_model_arguments, load_config_file, model_config_from_args
 from sentiment.errors import InvalidInputError
+from sentiment.flags import add_flags, flag_values
 
 _ACTORS = re.compile(r"^(\d+)(?:-(\d+))?$")
-# Flag name -> PipelineArgs field, for flags that map one to one.
-_PIPELINE_FLAGS = {
-    "num_gpus": "num_gpus",
-    "num_cpus": "num_cpus",
-    "cpu_threads": "cpu_threads",
-    "batch_size": "batch_size",
-}
 
 
 def register(commands: Any) -> None:
@@ -78,39 +72,21 @@ def register(commands: Any) -> None:
     evaluate.set_defaults(handler=_run_eval)
 
 
+# PipelineArgs fields that are flags of their own (the others have flags below, or come from the file).
+_POOL_FIELDS = ("num_gpus", "num_cpus", "cpu_threads", "batch_size")
+
+
 def _add_pool_arguments(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("batch job")
-    group.add_argument("--text-column", help="column that holds the reviews (default: text)")
+    group = parser.add_argument_group("batch job (PipelineArgs fields; the config file's 'batch' section)")
     group.add_argument("--actors", metavar="MIN-MAX", help="model actors: a fixed N or an autoscaling MIN-MAX")
-    group.add_argument(
-        "--num-gpus",
-        type=_gpus_or_auto,
-        help="GPUs per actor, e.g. 0.25, or 'auto': 1 when the cluster has GPUs, else 0 (default: auto)",
-    )
-    group.add_argument("--num-cpus", type=float, help="logical CPUs per actor (default: 1)")
-    group.add_argument("--cpu-threads", type=int, help="torch threads per CPU model actor (default: every core)")
-    group.add_argument(
-        "--batch-size", type=int, help="rows per model call, output file and resumable slice (default: 1024)"
-    )
+    parser.set_defaults(_pipeline_flags=add_flags(group, PipelineArgs, only=_POOL_FIELDS))
     add_model_arguments(parser)
-
-
-def _gpus_or_auto(value: str) -> float | str:
-    if value == "auto":
-        return value
-    try:
-        return float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"give a number of GPUs (e.g. 0.25) or 'auto', got {value!r}") from None
 
 
 def pipeline_args_from_args(args: argparse.Namespace, **overrides: Any) -> PipelineArgs:
     """Merge the config file's ``model`` and ``batch`` sections with flags (flags win)."""
     file_data = load_config_file(args)
-    model_section = dict(file_data.get("model") or {})
-    if getattr(args, "text_column", None):
-        model_section["text_column"] = args.text_column
-    model = model_config_from_args(args, {"model": model_section})
+    model = model_config_from_args(args, file_data)
 
     section = file_data.get("batch") or {}
     if not isinstance(section, dict):
@@ -118,10 +94,7 @@ def pipeline_args_from_args(args: argparse.Namespace, **overrides: Any) -> Pipel
     section = dict(section)
     if "model" in section:
         raise UsageError("batch.model: put model settings in the top-level model section")
-    for flag, field in _PIPELINE_FLAGS.items():
-        value = getattr(args, flag, None)
-        if value is not None:
-            section[field] = value
+    section.update(flag_values(args, getattr(args, "_pipeline_flags", {})))
     if getattr(args, "actors", None):
         match = _ACTORS.match(args.actors.strip())
         if not match:
@@ -154,11 +127,20 @@ def _run_batch(args: argparse.Namespace) -> int:
 
 
 def _run_eval(args: argparse.Namespace) -> int:
-    from pipelines.eval import evaluate, format_json
+    from pipelines.eval import EvalReport, evaluate, format_json
+
+    on_scored = None
+    if args.plot:
+        from pipelines.plots import plot_evaluation, require_matplotlib
+
+        require_matplotlib()  # before a long batch job, not after it
+
+        def on_scored(scored: str, report: EvalReport) -> None:
+            plot_evaluation(scored, report, args.plot, args.label_column)
 
     # The pipeline runs only when PATH has not been scored yet; input and output are set there.
     pipeline = pipeline_args_from_args(args, input=args.path, output=args.path + ".scored")
-    report = evaluate(args.path, args.label_column, pipeline, plot_dir=args.plot)
+    report = evaluate(args.path, args.label_column, pipeline, on_scored=on_scored)
     print(format_json(report) if args.json else report.format_text())
     if args.plot and not args.json:
         print(f"\npictures written to {args.plot}/: confusion_matrix.png, score_distribution.png, calibration.png")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -216,22 +216,21 @@ def evaluate_scored(path: str, label_column: str = "label") -> EvalReport:
 
 
 def evaluate(
-    path: str, label_column: str = "label", pipeline: PipelineArgs | None = None, plot_dir: str | None = None
+    path: str,
+    label_column: str = "label",
+    pipeline: PipelineArgs | None = None,
+    on_scored: Callable[[str, EvalReport], None] | None = None,
 ) -> EvalReport:
     """Evaluate ``path``: the batch job's output as is, or an unscored input after running the batch job on it.
 
     ``pipeline`` configures that run (model, actors, ...); its ``input``, ``output`` and ``keep`` are
-    replaced by ``path``, a temporary directory and the gold column. ``plot_dir``: also draw the
-    pictures of `pipelines.plots` there.
+    replaced by ``path``, a temporary directory and the gold column. ``on_scored(scored, report)``
+    runs while the scored output still exists (``sentiment eval --plot`` draws its pictures there).
     """
-    if plot_dir is not None:
-        from pipelines.plots import require_matplotlib
-
-        require_matplotlib()  # before a long batch job, not after it
     parquet = files.list_parquet(path)
     schema = files.read_footers(parquet[:1])[0].schema
     if scored_labels(schema) is not None:
-        return _plotted(path, evaluate_scored(path, label_column), label_column, plot_dir)
+        return _reported(path, evaluate_scored(path, label_column), on_scored)
     if label_column not in schema.names:
         raise InvalidInputError(f"{parquet[0].uri} has no gold label column {label_column!r}; columns: {schema.names}")
 
@@ -241,14 +240,12 @@ def evaluate(
     with tempfile.TemporaryDirectory(prefix="sentiment-eval-") as scratch:
         output = f"{scratch}/scored"
         run(PipelineArgs(**settings, input=path, output=output, keep=[label_column]))
-        return _plotted(output, evaluate_scored(output, label_column), label_column, plot_dir)
+        return _reported(output, evaluate_scored(output, label_column), on_scored)
 
 
-def _plotted(scored: str, report: EvalReport, label_column: str, plot_dir: str | None) -> EvalReport:
-    if plot_dir is not None:
-        from pipelines.plots import plot_evaluation
-
-        plot_evaluation(scored, report, plot_dir, label_column)
+def _reported(scored: str, report: EvalReport, on_scored: Callable[[str, EvalReport], None] | None) -> EvalReport:
+    if on_scored is not None:
+        on_scored(scored, report)
     return report
 
 

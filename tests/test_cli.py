@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from sentiment.cli import main
+from ray_sentiment.cli import main
 from sentiment.config import ModelConfig
 from sentiment.model import SentimentClassifier
 
@@ -63,4 +63,38 @@ def test_max_batch_tokens_flag_takes_a_count_or_auto(tiny_checkpoint: Path, caps
     with pytest.raises(SystemExit) as info:
         main(["predict", "a good film", "--model", str(tiny_checkpoint), "--max-batch-tokens", "lots"])
     assert info.value.code == 2
-    assert "expected a number of tokens or 'auto', got 'lots'" in capsys.readouterr().err
+    assert "expected an integer or 'auto', got 'lots'" in capsys.readouterr().err
+
+
+def test_every_model_config_field_has_a_flag_with_its_type_and_choices() -> None:
+    from ray_sentiment.cli import build_parser
+
+    parser = build_parser()
+    args = parser.parse_args(
+        ["predict", "x", "--model", "m", "--head-tokens", "64", "--labels", "bad,good", "--no-local-files-only"]
+    )
+    for field in ModelConfig.model_fields:
+        assert field in args._model_flags.values()
+    assert (args.model, args.head_tokens, args.labels, args.local_files_only) == ("m", 64, ["bad", "good"], False)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["predict", "x", "--dtype", "fp8"])
+
+
+def test_a_new_field_makes_its_flag_appear_with_no_cli_change() -> None:
+    import argparse
+    from typing import Literal
+
+    from pydantic import Field
+
+    from sentiment.flags import add_flags, flag_values
+
+    class Extended(ModelConfig):
+        pool: Literal["mean", "cls"] = Field("cls", description="How to pool.")
+        warmup_tokens: int | Literal["auto"] = Field("auto", description="Warm-up length.")
+        scale: float | None = Field(None, description="A factor.")
+
+    parser = argparse.ArgumentParser()
+    dests = add_flags(parser, Extended, names={"model_id": "model"})
+    args = parser.parse_args(["--pool", "mean", "--warmup-tokens", "128", "--scale", "0.5", "--model", "m"])
+    assert flag_values(args, dests) == {"pool": "mean", "warmup_tokens": 128, "scale": 0.5, "model_id": "m"}
+    assert flag_values(parser.parse_args(["--warmup-tokens", "auto"]), dests) == {"warmup_tokens": "auto"}

@@ -21,7 +21,8 @@ import pytest
 import yaml
 
 from deployments.cli import command_from_args
-from sentiment.cli import build_parser, load_config_file, main
+from ray_sentiment.cli import build_parser, main
+from sentiment.cli import load_config_file
 
 REPO = Path(__file__).resolve().parents[1]
 SERVE_YAML = REPO / "deployments" / "serve.yaml"
@@ -151,7 +152,7 @@ def test_sentiment_serve_serves_prints_the_url_and_stops_cleanly_on_ctrl_c(tiny_
         statuses.append(subprocess.run([serve_cli, "status"], env=env, capture_output=True, text=True, timeout=60))
 
     output = _serve_until_interrupted(
-        [sys.executable, "-m", "sentiment", "serve", "--model", str(tiny_checkpoint), "--port", str(port)],
+        [sys.executable, "-m", "ray_sentiment", "serve", "--model", str(tiny_checkpoint), "--port", str(port)],
         port,
         ready_line="Serving ",
         while_serving=serve_status,
@@ -181,7 +182,16 @@ def test_ray_serve_cli_runs_the_shipped_config(tiny_checkpoint: Path, tmp_path: 
 def test_a_model_that_cannot_be_fetched_fails_before_ray_starts_naming_model_and_fix() -> None:
     # HF_HUB_OFFLINE=1 stands in for a machine that cannot reach the hub: the id is not in the cache.
     done = subprocess.run(
-        [sys.executable, "-m", "sentiment", "serve", "--model", "someone/not-downloaded", "--port", str(free_port())],
+        [
+            sys.executable,
+            "-m",
+            "ray_sentiment",
+            "serve",
+            "--model",
+            "someone/not-downloaded",
+            "--port",
+            str(free_port()),
+        ],
         cwd=REPO,
         env=_environment(),
         capture_output=True,
@@ -204,7 +214,7 @@ def test_a_replica_that_cannot_load_fails_the_deploy_once_with_its_error(tiny_ch
         (broken / file.name).write_bytes(file.read_bytes())
     (broken / "model.safetensors").write_bytes(b"not safetensors")
     done = subprocess.run(
-        [sys.executable, "-m", "sentiment", "serve", "--model", str(broken), "--port", str(free_port())],
+        [sys.executable, "-m", "ray_sentiment", "serve", "--model", str(broken), "--port", str(free_port())],
         cwd=REPO,
         env=_environment(),
         capture_output=True,

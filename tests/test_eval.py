@@ -14,7 +14,7 @@ import pytest
 from benchmarks.corpus import write_corpus
 from pipelines.args import PipelineArgs
 from pipelines.eval import evaluate, report_from_counts
-from sentiment.cli import main
+from ray_sentiment.cli import main
 from sentiment.config import ModelConfig
 from sentiment.errors import InvalidInputError
 from sentiment.model import SentimentClassifier

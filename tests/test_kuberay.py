@@ -12,7 +12,7 @@ import yaml
 from ray.serve.schema import ServeDeploySchema
 
 from deployments.args import parse_serve_args
-from sentiment.cli import build_parser
+from ray_sentiment.cli import build_parser
 
 KUBERAY = Path(__file__).resolve().parent.parent / "kuberay"
 

@@ -38,7 +38,7 @@ from pipelines.batch import (
     run,
     with_labels,
 )
-from sentiment.cli import main
+from ray_sentiment.cli import main
 from sentiment.config import ModelConfig
 from sentiment.errors import InvalidInputError
 from sentiment.model import SentimentClassifier
@@ -510,7 +510,7 @@ def test_a_one_file_corpus_killed_midway_resumes_from_its_complete_slices(
     log = tmp_path / "killed-run.log"
     with log.open("w") as sink:
         process = subprocess.Popen(
-            [sys.executable, "-m", "sentiment", "batch", str(tmp_path / "in"), str(out), *flags],
+            [sys.executable, "-m", "ray_sentiment", "batch", str(tmp_path / "in"), str(out), *flags],
             cwd=REPO,
             env=env,
             stdout=sink,

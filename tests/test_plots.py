@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipelines.plots import PLOT_FILES, calibration_bins, score_counts
-from sentiment.cli import main
+from ray_sentiment.cli import main
 
 BINS = 10
 

@@ -1,0 +1,1 @@
+"""The ``sentiment`` command's entry point, above the core (`sentiment`) and the Ray adapters."""
