@@ -76,18 +76,17 @@ class SentimentServer:
         self.batch_max_texts = args.effective_batch_max_texts
         self.batch_max_tokens = args.effective_batch_max_tokens
         self._failures = 0
-        # Shedding: work submitted and not yet answered, in batch units (`_batch_size`), and the pace of
-        # well-filled batches in units per second (None until one ran).
-        self._pending_units = 0
-        self._units_per_s: float | None = None
+        # Shedding: work submitted and not yet answered, in full batches (`_fullness`), and the pace of
+        # well-filled batches in full batches per second (None until one ran).
+        self._pending_batches = 0.0
+        self._batches_per_s: float | None = None
         self._oom_splits_seen = self.classifier.oom_splits
         self.metrics = metrics or EndpointMetrics()
-        # A batch's size is one number, so `_batch_size` folds the text and token limits into text
-        # units: a batch is full when either limit is reached.
         self._batcher: Batcher[_Work, list[Prediction]] = Batcher(
             self._run_batch,
-            size=self._batch_size,
-            max_size=self.batch_max_texts,
+            max_texts=self.batch_max_texts,
+            max_tokens=self.batch_max_tokens,
+            measure=lambda work: (len(work.encoded), work.num_tokens),
             max_wait_s=args.batch_wait_timeout_s,
         )
         info = self.classifier.describe()
@@ -164,15 +163,15 @@ class SentimentServer:
                     )
         tokens = sum(len(window) for text in encoded for window in text.windows)
         work = _Work(encoded, tokens, field, time.perf_counter(), times)
-        units = self._batch_size([work])
+        share = self._fullness(len(encoded), tokens)
         # No await between the check and the count: concurrent requests are admitted one at a time.
         self._admit()
-        self._pending_units += units
+        self._pending_batches += share
         self.metrics.record_texts(encoded)
         try:
             return await self._batcher.submit(work)
         finally:
-            self._pending_units -= units
+            self._pending_batches = max(0.0, self._pending_batches - share)
 
     @property
     def queue_wait_s(self) -> float:
@@ -182,9 +181,9 @@ class SentimentServer:
         so their pace would overstate the wait of a burst many times over (a false "busy" is worse
         than a burst admitted on an optimistic guess; the first full batch corrects it).
         """
-        if not self._units_per_s:
+        if not self._batches_per_s:
             return 0.0
-        return self._pending_units / self._units_per_s
+        return self._pending_batches / self._batches_per_s
 
     def _admit(self) -> None:
         """Refuse a request at once when the work ahead of it would keep it waiting over max_queue_wait_s."""
@@ -198,13 +197,9 @@ class SentimentServer:
                 headers={"Retry-After": str(max(1, math.ceil(wait - limit)))},
             )
 
-    def _batch_size(self, batch: list[_Work]) -> int:
-        return batch_size(
-            sum(len(work.encoded) for work in batch),
-            sum(work.num_tokens for work in batch),
-            self.batch_max_texts,
-            self.batch_max_tokens,
-        )
+    def _fullness(self, texts: int, tokens: int) -> float:
+        """How much of a full gathered batch this much work is: its larger share of the two limits."""
+        return max(texts / self.batch_max_texts, tokens / self.batch_max_tokens)
 
     async def _run_batch(self, batch: list[_Work]) -> list[list[Prediction] | ApiError]:
         encoded = [text for work in batch for text in work.encoded]
@@ -231,12 +226,12 @@ class SentimentServer:
         self._failures = 0
         seconds = time.perf_counter() - started
         batch_tokens = sum(work.num_tokens for work in batch)
-        units = self._batch_size(batch)
-        if seconds > 0 and 2 * units >= self._batcher.max_size:
-            pace = units / seconds
+        fullness = self._fullness(len(encoded), batch_tokens)
+        if seconds > 0 and fullness >= 0.5:
+            pace = fullness / seconds
             # A moving average over the last few full batches: follows a slowdown (a replica starting beside
             # this one, longer texts) within a few batches without jumping on one odd batch.
-            self._units_per_s = pace if self._units_per_s is None else 0.7 * self._units_per_s + 0.3 * pace
+            self._batches_per_s = pace if self._batches_per_s is None else 0.7 * self._batches_per_s + 0.3 * pace
         for work in batch:
             work.times.inference = seconds
         self.metrics.record_batch(len(encoded), batch_tokens, seconds)
@@ -262,16 +257,6 @@ def _replica_id() -> str | None:
         return str(serve.get_replica_context().replica_tag)
     except RayServeException:  # not in a replica: in-process tests
         return None
-
-
-def batch_size(texts: int, tokens: int, max_texts: int, max_tokens: int) -> int:
-    """Size of a gathered batch in text units: at most ``max_texts`` exactly when both limits hold.
-
-    The batcher compares one number with its ``max_size``; counting tokens in text units
-    (``max_tokens`` tokens weigh ``max_texts`` texts) lets that one comparison enforce the text
-    limit and the token limit together.
-    """
-    return max(texts, math.ceil(tokens * max_texts / max_tokens))
 
 
 def deployment_options(args: ServeArgs, cluster_gpus: float, node_cpus: float = 1.0) -> dict[str, Any]:

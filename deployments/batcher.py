@@ -8,8 +8,8 @@ closed-loop clients (bf16, 2 CPUs, BERT-base): 10 ms batches averaged 3 texts; a
 them, but then one client's requests each waited 100 ms.
 
 This batcher takes the queue the moment the model is free: everything that arrived while the last
-batch ran goes into the next one, up to the size limit, in arrival order. A request that finds
-the model idle waits at most ``max_wait_s`` for company. Plain asyncio, no Ray.
+batch ran goes into the next one, within its two limits (texts and tokens), in arrival order. A
+request that finds the model idle waits at most ``max_wait_s`` for company. Plain asyncio, no Ray.
 """
 
 from __future__ import annotations
@@ -29,32 +29,46 @@ logger = logging.getLogger(__name__)
 class Batcher(Generic[ItemT, ResultT]):
     """Runs ``run_batch`` on lists of submitted items, one batch at a time, in arrival order.
 
-    ``size`` measures a list of items in the same unit as ``max_size`` (texts, or tokens folded into
-    texts): a batch takes items from the front of the queue while it stays within ``max_size``.
-    An item bigger than ``max_size`` on its own runs alone. ``run_batch`` returns one result per
-    item; a result that is an exception is raised to that item's caller alone, and if ``run_batch``
-    raises, every item of that batch gets the exception.
+    Two limits, as text-embeddings-inference's queue has: ``max_texts`` and ``max_tokens`` per
+    batch, each item counted by ``measure(item) -> (texts, tokens)``. A batch takes items from the
+    front of the queue while both totals stay within their limits; an item over a limit on its own
+    runs alone. ``run_batch`` returns one result per item; a result that is an exception is raised
+    to that item's caller alone, and if ``run_batch`` raises, every item of that batch gets the
+    exception.
     """
 
     def __init__(
         self,
         run_batch: Callable[[list[ItemT]], Awaitable[Sequence[ResultT | BaseException]]],
         *,
-        size: Callable[[list[ItemT]], int] = len,
-        max_size: int,
+        max_texts: int,
+        max_tokens: int | None = None,
+        measure: Callable[[ItemT], tuple[int, int]] = lambda item: (1, 0),
         max_wait_s: float = 0.0,
     ) -> None:
-        if max_size < 1:
-            raise ValueError(f"max_size must be at least 1, got {max_size}")
+        if max_texts < 1:
+            raise ValueError(f"max_texts must be at least 1, got {max_texts}")
+        if max_tokens is not None and max_tokens < 1:
+            raise ValueError(f"max_tokens must be at least 1, got {max_tokens}")
         if max_wait_s < 0:
             raise ValueError(f"max_wait_s must be >= 0, got {max_wait_s}")
         self._run_batch = run_batch
-        self._size = size
-        self.max_size = max_size
+        self._measure = measure
+        self.max_texts = max_texts
+        self.max_tokens = max_tokens
         self.max_wait_s = max_wait_s
         self._queue: collections.deque[tuple[ItemT, asyncio.Future[ResultT]]] = collections.deque()
         self._arrived = asyncio.Event()
         self._worker: asyncio.Task[None] | None = None
+
+    def fits(self, texts: int, tokens: int) -> bool:
+        """Whether a batch of this many texts and tokens is within both limits."""
+        return texts <= self.max_texts and (self.max_tokens is None or tokens <= self.max_tokens)
+
+    def totals(self, items: Sequence[ItemT]) -> tuple[int, int]:
+        """Texts and tokens of ``items``."""
+        measured = [self._measure(item) for item in items]
+        return sum(texts for texts, _ in measured), sum(tokens for _, tokens in measured)
 
     @property
     def queued(self) -> int:
@@ -113,7 +127,7 @@ class Batcher(Generic[ItemT, ResultT]):
             return
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.max_wait_s
-        while self._size(self._pending()) < self.max_size:
+        while not self._full(self._pending()):
             remaining = deadline - loop.time()
             if remaining <= 0:
                 return
@@ -123,23 +137,29 @@ class Batcher(Generic[ItemT, ResultT]):
             except TimeoutError:
                 return
 
+    def _full(self, items: Sequence[ItemT]) -> bool:
+        """Whether ``items`` reach a limit (no further item could join them)."""
+        texts, tokens = self.totals(items)
+        return texts >= self.max_texts or (self.max_tokens is not None and tokens >= self.max_tokens)
+
     def _pending(self) -> list[ItemT]:
         return [item for item, future in self._queue if not future.done()]
 
     def _take(self) -> list[tuple[ItemT, asyncio.Future[ResultT]]]:
-        """The longest front of the queue within ``max_size`` (at least one item); skips cancelled callers."""
+        """The longest front of the queue within both limits (at least one item); skips cancelled callers."""
         batch: list[tuple[ItemT, asyncio.Future[ResultT]]] = []
-        items: list[ItemT] = []
+        texts = tokens = 0
         while self._queue:
             item, future = self._queue[0]
             if future.done():  # the caller went away before its turn
                 self._queue.popleft()
                 continue
-            if batch and self._size([*items, item]) > self.max_size:
+            item_texts, item_tokens = self._measure(item)
+            if batch and not self.fits(texts + item_texts, tokens + item_tokens):
                 break
             self._queue.popleft()
             batch.append((item, future))
-            items.append(item)
+            texts, tokens = texts + item_texts, tokens + item_tokens
         return batch
 
 

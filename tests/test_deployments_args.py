@@ -10,7 +10,7 @@ import pytest
 import yaml
 from pydantic import SecretStr
 
-from deployments.app import batch_size, deployment_options
+from deployments.app import deployment_options
 from deployments.args import ServeArgs, parse_serve_args
 from sentiment.config import ModelConfig
 from sentiment.errors import InvalidInputError
@@ -157,21 +157,6 @@ def test_the_cluster_serve_config_asks_for_a_quarter_gpu_even_while_no_gpu_node_
         text = document.read_text()
         assert "serve deploy deployments/serve-cluster.yaml --address http://localhost:8265" in text
         assert "serve deploy deployments/serve.yaml --address" not in text
-
-
-@pytest.mark.parametrize(
-    ("texts", "tokens", "expected"),
-    [
-        (1, 10, 1),
-        (64, 100, 64),  # full by count
-        (10, 16384, 64),  # full by tokens
-        (10, 16385, 65),  # one token over: does not fit
-        (65, 10, 65),
-        (3, 1000, 4),  # 1000 tokens weigh 3.9 texts
-    ],
-)
-def test_batch_size_is_full_when_either_limit_is_reached(texts: int, tokens: int, expected: int) -> None:
-    assert batch_size(texts, tokens, max_texts=64, max_tokens=16384) == expected
 
 
 def test_a_gpu_share_caps_memory_to_the_fraction_and_an_explicit_cap_wins() -> None:
