@@ -95,10 +95,10 @@ def run_job(
     output: Path,
     dtype: str,
     threads: int,
-    max_batch_tokens: int | None = None,
+    forward_max_tokens: int | None = None,
     num_gpus: float = 0,
 ) -> tuple[Any, pa.Table]:
-    """The batch job's result and its output table (sorted by id); ``max_batch_tokens`` None: the default.
+    """The batch job's result and its output table (sorted by id); ``forward_max_tokens`` None: the default.
 
     ``num_gpus`` 1 gives the job's one actor a whole GPU.
     """
@@ -110,7 +110,7 @@ def run_job(
         model=ModelConfig(
             model_id=str(checkpoint),
             dtype=dtype,  # type: ignore[arg-type]
-            **({} if max_batch_tokens is None else {"max_batch_tokens": max_batch_tokens}),
+            **({} if forward_max_tokens is None else {"forward_max_tokens": forward_max_tokens}),
         ),
         input=str(corpus),
         output=str(output),
@@ -150,7 +150,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", default="benchmarks/out/batch", help="working directory (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads (default: all cores)")
     parser.add_argument(
-        "--max-batch-tokens",
+        "--forward-max-tokens",
         type=int,
         default=2048,
         help="the job's token budget per forward pass (default 2048: measured fastest on CPU; 16384 suits GPUs)",
@@ -179,7 +179,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows: list[dict[str, Any]] = []
     with load.phase("fp32"):
         fp32_result, fp32 = run_job(
-            checkpoint, corpus, out / "scored-fp32", "fp32", args.threads, args.max_batch_tokens
+            checkpoint, corpus, out / "scored-fp32", "fp32", args.threads, args.forward_max_tokens
         )
     tokens = int(sum(fp32.column("num_tokens").to_pylist()))
     fits = [n <= 512 for n in fp32.column("num_tokens").to_pylist()]
@@ -202,7 +202,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if cpu_supports_bf16() and not args.no_bf16:
         with load.phase("bf16"):
             bf16_result, bf16 = run_job(
-                checkpoint, corpus, out / "scored-bf16", "bf16", args.threads, args.max_batch_tokens
+                checkpoint, corpus, out / "scored-bf16", "bf16", args.threads, args.forward_max_tokens
             )
         same_bf16, _ = agreement(bf16.column("label").to_pylist(), baseline_labels, fits)
         pairs = zip(bf16.column("label").to_pylist(), fp32.column("label").to_pylist(), strict=True)
@@ -231,7 +231,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "threads": args.threads,
         "torch": torch.__version__,
         "ray": ray.__version__,
-        "max_batch_tokens": args.max_batch_tokens,
+        "forward_max_tokens": args.forward_max_tokens,
         "tokenization_seconds": tokenize,
         "results": rows,
     }

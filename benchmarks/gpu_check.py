@@ -139,14 +139,14 @@ def model_only(setup: Setup) -> dict[str, Any]:
     classifier.warmup()
     budgets: dict[str, Any] = {}
     for budget in GPU_BUDGETS if setup.device == "cuda" else CPU_BUDGETS:
-        classifier.max_batch_tokens = budget
+        classifier.forward_max_tokens = budget
         classifier.forward(windows[: max(1, len(windows) // 8)])  # warm this budget's shapes
         _synchronize(setup.device)
         started = time.perf_counter()
         classifier.forward(windows)
         _synchronize(setup.device)
         seconds = time.perf_counter() - started
-        batches = plan_batches(lengths, budget, classifier.config.max_batch_size)
+        batches = plan_batches(lengths, budget, classifier.config.forward_max_inputs)
         padded = sum(len(batch) * max(lengths[i] for i in batch) for batch in batches)
         budgets[str(budget)] = {
             "tokens_per_s": tokens / seconds,
@@ -158,7 +158,7 @@ def model_only(setup: Setup) -> dict[str, Any]:
 
     # The best budget's batches again, as tensors built and moved beforehand: only the model runs in
     # the timed loop, so the gap to `forward` is host work (padding, copies, softmax, syncs).
-    batches = plan_batches(lengths, int(best), classifier.config.max_batch_size)
+    batches = plan_batches(lengths, int(best), classifier.config.forward_max_inputs)
     prepared = []
     for batch in batches:
         longest = max(lengths[i] for i in batch)
@@ -251,7 +251,7 @@ def offline(setup: Setup) -> dict[str, Any]:
     argv = [
         sys.executable,
         "-m",
-        "sentiment",
+        "ray_sentiment",
         "batch",
         str(setup.corpus),
         str(output),
@@ -320,8 +320,8 @@ def oom_probe(checkpoint: Path, result: Path, dry_run: bool) -> None:
         model_id=str(checkpoint),
         device=device,
         gpu_memory_fraction=fraction,
-        max_batch_tokens=1024 * 512,
-        max_batch_size=1024,
+        forward_max_tokens=1024 * 512,
+        forward_max_inputs=1024,
     )
     capped = SentimentClassifier(config)
     injected = False

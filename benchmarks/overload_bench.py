@@ -195,7 +195,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = Path(options.out)
     checkpoint = ensure_checkpoint(out, options.size)
     texts = make_reviews(512, seed=11)
-    ray.init(include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", include_dashboard=False, log_to_driver=False)
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]

@@ -16,7 +16,7 @@ checkpoint (`sentiment.testing.make_checkpoint`, no network), in one run:
 
 Throughput is in model tokens (what the model sees: each review cut to 512 tokens), the same count
 for every contender, so "of ceiling" and "vs baseline" are ratios of the same work. The job and the
-app run with the shipped defaults (``max_batch_tokens: auto``), so the table shows what a user
+app run with the shipped defaults (``forward_max_tokens: auto``), so the table shows what a user
 gets. Prints one table, a precision table (bf16 against fp32 on the same inputs) and writes both,
 with the machine, the load average and the command, as a dated section of ``--results``.
 """
@@ -112,12 +112,12 @@ def ceiling(checkpoint: Path, texts: list[str], dtype: str, budgets: Sequence[in
     classifier.warmup()
     speeds: dict[int, float] = {}
     for budget in budgets:
-        classifier.max_batch_tokens = budget
+        classifier.forward_max_tokens = budget
         started = time.perf_counter()
         classifier.forward(sample)
         speeds[budget] = sample_tokens / (time.perf_counter() - started)
     best = max(speeds, key=lambda budget: speeds[budget])
-    classifier.max_batch_tokens = best
+    classifier.forward_max_tokens = best
     started = time.perf_counter()
     probabilities = classifier.forward(windows)
     seconds = time.perf_counter() - started

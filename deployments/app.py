@@ -73,8 +73,8 @@ class SentimentServer:
         self.replica_id = _replica_id()
         self.classifier.warmup()
         self.api_key = args.resolve_api_key()
-        self.batch_max_texts = args.effective_batch_max_texts
-        self.batch_max_tokens = args.effective_batch_max_tokens
+        self.gather_max_texts = args.effective_gather_max_texts
+        self.gather_max_tokens = args.effective_gather_max_tokens
         self._failures = 0
         # Shedding: work submitted and not yet answered, in full batches (`_fullness`), and the pace of
         # well-filled batches in full batches per second (None until one ran).
@@ -84,10 +84,10 @@ class SentimentServer:
         self.metrics = metrics or EndpointMetrics()
         self._batcher: Batcher[_Work, list[Prediction]] = Batcher(
             self._run_batch,
-            max_texts=self.batch_max_texts,
-            max_tokens=self.batch_max_tokens,
+            max_texts=self.gather_max_texts,
+            max_tokens=self.gather_max_tokens,
             measure=lambda work: (len(work.encoded), work.num_tokens),
-            max_wait_s=args.batch_wait_timeout_s,
+            max_wait_s=args.gather_wait_s,
         )
         info = self.classifier.describe()
         logger.info(
@@ -99,8 +99,8 @@ class SentimentServer:
             info["reserved_gpus"],
             "none" if info["gpu_memory_cap_bytes"] is None else f"{info['gpu_memory_cap_bytes'] / 2**30:.1f} GiB",
             self.classifier.max_length,
-            self.batch_max_texts,
-            self.batch_max_tokens,
+            self.gather_max_texts,
+            self.gather_max_tokens,
             ", API key required" if self.api_key else "",
         )
 
@@ -123,9 +123,9 @@ class SentimentServer:
     def info(self) -> dict[str, Any]:
         return {
             **self.classifier.describe(),
-            "batch_max_texts": self.batch_max_texts,
-            "batch_max_tokens": self.batch_max_tokens,
-            "batch_wait_timeout_s": self.args.batch_wait_timeout_s,
+            "gather_max_texts": self.gather_max_texts,
+            "gather_max_tokens": self.gather_max_tokens,
+            "gather_wait_s": self.args.gather_wait_s,
             "max_ongoing_requests": self.args.max_ongoing_requests,
             "max_queue_wait_s": self.args.max_queue_wait_s,
             "queue_wait_s": round(self.queue_wait_s, 3),
@@ -150,6 +150,8 @@ class SentimentServer:
         ``times``, if given, receives the seconds spent tokenizing, queued and in the model.
         """
         times = times if times is not None else StageTimes()
+        # Refused before tokenizing too, so an overloaded replica spends no CPU on requests it turns away.
+        self._admit()
         started = time.perf_counter()
         encoded = await self.classifier.aencode(texts, long_text)
         times.tokenization = time.perf_counter() - started
@@ -167,8 +169,8 @@ class SentimentServer:
         # No await between the check and the count: concurrent requests are admitted one at a time.
         self._admit()
         self._pending_batches += share
-        self.metrics.record_texts(encoded)
         try:
+            self.metrics.record_texts(encoded)
             return await self._batcher.submit(work)
         finally:
             self._pending_batches = max(0.0, self._pending_batches - share)
@@ -199,7 +201,7 @@ class SentimentServer:
 
     def _fullness(self, texts: int, tokens: int) -> float:
         """How much of a full gathered batch this much work is: its larger share of the two limits."""
-        return max(texts / self.batch_max_texts, tokens / self.batch_max_tokens)
+        return max(texts / self.gather_max_texts, tokens / self.gather_max_tokens)
 
     async def _run_batch(self, batch: list[_Work]) -> list[list[Prediction] | ApiError]:
         encoded = [text for work in batch for text in work.encoded]

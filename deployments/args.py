@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from pydantic_core import PydanticCustomError
 
-from sentiment.config import ModelConfig, parse_section
+from sentiment.config import ModelConfig, accept_renamed, parse_section
 
 # With num_gpus "auto" on a cluster that has GPUs, four replicas share each card: BERT-large in
 # bf16 needs under 1 GiB of weights, so one replica alone leaves most of a modern GPU idle.
@@ -130,25 +130,25 @@ class ServeArgs(BaseModel):
             "beyond it the proxy answers 503 at once instead of growing the queue."
         ),
     )
-    batch_max_texts: int | None = Field(
+    gather_max_texts: int | None = Field(
         None,
         ge=1,
         description=(
             "Most texts one replica gathers from concurrent requests into one batch. None: the model's "
-            "max_batch_size. The classifier then packs the batch into forward passes itself."
+            "forward_max_inputs. The classifier then packs the batch into forward passes itself."
         ),
     )
-    batch_max_tokens: int | None = Field(
+    gather_max_tokens: int | None = Field(
         None,
         ge=1,
         description=(
             "Most tokens (all windows of all texts) in one gathered batch; the classifier splits it into "
-            f"forward passes of model.max_batch_tokens. None: {DEFAULT_GATHER_TOKENS}, or model.max_batch_tokens "
+            f"forward passes of model.forward_max_tokens. None: {DEFAULT_GATHER_TOKENS}, or model.forward_max_tokens "
             "if that is larger. "
             "A single request over the budget runs alone."
         ),
     )
-    batch_wait_timeout_s: float = Field(
+    gather_wait_s: float = Field(
         # 0, as Triton's dynamic batcher defaults to: under load, batches fill while the previous
         # one runs, so a wait only adds latency to a lone request.
         0.0,
@@ -179,9 +179,10 @@ class ServeArgs(BaseModel):
         1,
         ge=1,
         description=(
-            "Replica starts that may fail before Serve gives up on a new deployment (Serve's default is 20, "
-            "minutes of retries when a model cannot load). Once a replica has started, failed replicas are "
-            "always replaced."
+            "Replica starts that may fail before Serve declares a new deployment, or a rolling update of one, "
+            "failed (Serve's default is 20: minutes of retries when a model cannot load). 1 suits a local "
+            "model that fails the same way every time; the cluster configs use 3, for nodes that download "
+            "the model on their own. Replicas that fail after the deployment is up are always replaced."
         ),
     )
     max_texts_per_request: int = Field(64, ge=1, description="Most texts in one request; more gets 413.")
@@ -201,27 +202,37 @@ class ServeArgs(BaseModel):
         ),
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data: Any) -> Any:
+        renamed = {
+            "batch_max_texts": "gather_max_texts",
+            "batch_max_tokens": "gather_max_tokens",
+            "batch_wait_timeout_s": "gather_wait_s",
+        }
+        return accept_renamed(data, renamed, "args")
+
     @model_validator(mode="after")
     def _check_consistency(self) -> ServeArgs:
         if self.num_replicas is not None and "autoscaling" in self.model_fields_set:
             raise _invalid("give either num_replicas (a fixed count) or autoscaling, not both")
-        texts = self.effective_batch_max_texts
+        texts = self.effective_gather_max_texts
         if self.max_ongoing_requests < texts:
             raise _invalid(
                 f"max_ongoing_requests ({self.max_ongoing_requests}) must be at least the batch size "
-                f"({texts} texts, batch_max_texts or model.max_batch_size): with fewer, batches never fill"
+                f"({texts} texts, gather_max_texts or model.forward_max_inputs): with fewer, batches never fill"
             )
         return self
 
     @property
-    def effective_batch_max_texts(self) -> int:
-        return self.batch_max_texts or self.model.max_batch_size
+    def effective_gather_max_texts(self) -> int:
+        return self.gather_max_texts or self.model.forward_max_inputs
 
     @property
-    def effective_batch_max_tokens(self) -> int:
-        if self.batch_max_tokens is not None:
-            return self.batch_max_tokens
-        model_budget = self.model.max_batch_tokens
+    def effective_gather_max_tokens(self) -> int:
+        if self.gather_max_tokens is not None:
+            return self.gather_max_tokens
+        model_budget = self.model.forward_max_tokens
         return DEFAULT_GATHER_TOKENS if model_budget == "auto" else max(model_budget, DEFAULT_GATHER_TOKENS)
 
     def resolve_api_key(self, environ: Mapping[str, str] | None = None) -> str | None:

@@ -113,22 +113,26 @@ def run_serve(args: argparse.Namespace) -> int:
     """Deploy, print the URL, serve until Ctrl-C (or SIGTERM), then clean up."""
     command = command_from_args(args, load_config_file(args))
     joined = bool(os.environ.get("RAY_ADDRESS"))
-    # Before Ray starts: a model that cannot be found or fetched fails here, in seconds. A hub id is
-    # downloaded once into the local cache (progress on the terminal); the replicas of a Ray started
-    # here share this machine's cache, so they load it offline and never download it again.
-    model = command.args.model
-    if not Path(model.model_id).expanduser().is_dir():
-        print(f"Fetching model {model.model_id} into the local Hugging Face cache (once)...", flush=True)
-    directory = fetch_checkpoint(model)
-    print(f"Model files: {directory}", flush=True)
-    replica_env = None if joined else {"HF_HUB_OFFLINE": "1"}
+    replica_env = None
+    if not joined:
+        # Before Ray starts: a model that cannot be found or fetched fails here, in seconds. A hub id
+        # is downloaded once into the local cache (progress on the terminal); the replicas of the Ray
+        # started here share this machine's cache, so they load it offline and never download it again.
+        # (On a joined cluster the replicas' nodes have their own files: nothing is fetched here.)
+        model = command.args.model
+        if not Path(model.model_id).expanduser().is_dir():
+            print(f"Fetching model {model.model_id} into the local Hugging Face cache (once)...", flush=True)
+        print(f"Model files: {fetch_checkpoint(model)}", flush=True)
+        replica_env = {"HF_HUB_OFFLINE": "1"}
 
     import ray
     from ray import serve
 
     from deployments.app import application
 
-    context = ray.init()
+    # "local": a Ray of its own, as the README says, even when a `ray start` cluster runs on this
+    # machine (plain ray.init() would attach to it, then shut its Serve down on exit).
+    context = ray.init(address=os.environ.get("RAY_ADDRESS") or "local")
     # SIGTERM (docker stop, systemd) cleans up like Ctrl-C.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:

@@ -65,7 +65,7 @@ class EndpointMetrics:
             "sentiment_oom_splits",
             description=(
                 "Forward passes that ran out of GPU memory and were split in two and retried; a steady rise "
-                "means the forward token budget (model.max_batch_tokens) is too big for the memory cap."
+                "means the forward token budget (model.forward_max_tokens) is too big for the memory cap."
             ),
         )
         self.stage_seconds = Histogram(

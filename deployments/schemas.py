@@ -201,11 +201,11 @@ class InfoResponse(BaseModel):
     gpu_memory_peak_bytes: int | None = Field(
         description="Most CUDA memory this replica has held at once since it started; null on a CPU."
     )
-    max_batch_tokens: int = Field(description="Token budget of one forward pass.")
-    max_batch_size: int = Field(description="Most inputs of one forward pass.")
-    batch_max_texts: int = Field(description="Most texts gathered from concurrent requests into one batch.")
-    batch_max_tokens: int = Field(description="Most tokens gathered into one batch.")
-    batch_wait_timeout_s: float
+    forward_max_tokens: int = Field(description="Token budget of one forward pass.")
+    forward_max_inputs: int = Field(description="Most inputs of one forward pass.")
+    gather_max_texts: int = Field(description="Most texts gathered from concurrent requests into one batch.")
+    gather_max_tokens: int = Field(description="Most tokens gathered into one batch.")
+    gather_wait_s: float
     max_ongoing_requests: int
     max_queue_wait_s: float | None = Field(description="Queued work (seconds) above which requests get 503.")
     queue_wait_s: float = Field(description="Seconds of work queued or running on this replica now.")

@@ -73,7 +73,7 @@ class PipelineArgs(BaseModel):
         description=(
             "Rows per model call, and per slice: the unit the job reads, writes as one output file and, after "
             "a crash, re-does. The classifier sorts a call's rows by length and packs them under "
-            "model.max_batch_tokens, so bigger calls pad less; smaller ones lose less to a crash."
+            "model.forward_max_tokens, so bigger calls pad less; smaller ones lose less to a crash."
         ),
     )
     overwrite: bool = Field(False, description="Replace an output directory that already holds results.")

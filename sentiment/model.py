@@ -52,7 +52,7 @@ class Prediction:
         return asdict(self)
 
 
-def plan_batches(lengths: Sequence[int], max_batch_tokens: int, max_batch_size: int) -> list[list[int]]:
+def plan_batches(lengths: Sequence[int], forward_max_tokens: int, forward_max_inputs: int) -> list[list[int]]:
     """Group input indices into batches, longest first, each under the token budget.
 
     A batch costs ``len(batch) * longest member`` (it is padded to its longest member). Sorting by
@@ -65,7 +65,7 @@ def plan_batches(lengths: Sequence[int], max_batch_tokens: int, max_batch_size: 
     for index in order:
         # Sorted descending, so the first member is the longest and sets the padded width.
         longest = lengths[current[0]] if current else lengths[index]
-        if current and ((len(current) + 1) * longest > max_batch_tokens or len(current) >= max_batch_size):
+        if current and ((len(current) + 1) * longest > forward_max_tokens or len(current) >= forward_max_inputs):
             batches.append(current)
             current = []
         current.append(index)
@@ -125,10 +125,10 @@ class SentimentClassifier:
         """Tokens of the sequences run through the model (padding not counted), since this classifier loaded."""
         self.tokens_padded = 0
         """The same, padding included: ``1 - tokens_run / tokens_padded`` is the share spent on padding."""
-        self.max_batch_tokens: int = (
+        self.forward_max_tokens: int = (
             auto_max_batch_tokens(self.device.type, _DTYPE_NAMES[str(self.dtype)])
-            if self.config.max_batch_tokens == "auto"
-            else int(self.config.max_batch_tokens)
+            if self.config.forward_max_tokens == "auto"
+            else int(self.config.forward_max_tokens)
         )
         self._pad_id = self.encoder.pad_id
         # One worker each: forward passes are serialized anyway (they share the cores or the GPU),
@@ -153,8 +153,8 @@ class SentimentClassifier:
             "reserved_gpus": None if self.reserved_gpus is None else [str(gpu) for gpu in self.reserved_gpus],
             "gpu_memory_fraction": self.config.gpu_memory_fraction if self.device.type == "cuda" else None,
             "gpu_memory_cap_bytes": self.gpu_memory_cap_bytes,
-            "max_batch_tokens": self.max_batch_tokens,
-            "max_batch_size": self.config.max_batch_size,
+            "forward_max_tokens": self.forward_max_tokens,
+            "forward_max_inputs": self.config.forward_max_inputs,
         }
 
     def peak_gpu_memory_bytes(self) -> int | None:
@@ -184,7 +184,7 @@ class SentimentClassifier:
         probabilities = np.zeros((len(sequences), len(self.labels)), dtype=np.float32)
         lengths = [len(sequence) for sequence in sequences]
         failed: list[int] = []
-        for batch in plan_batches(lengths, self.max_batch_tokens, self.config.max_batch_size):
+        for batch in plan_batches(lengths, self.forward_max_tokens, self.config.forward_max_inputs):
             self.tokens_run += sum(lengths[i] for i in batch)
             self.tokens_padded += len(batch) * lengths[batch[0]]  # longest first
             failed += self._forward_splitting(batch, sequences, probabilities)

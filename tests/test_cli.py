@@ -45,10 +45,10 @@ def test_flags_override_the_config_file(
 
 def test_bad_config_value_names_the_field(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     config = tmp_path / "config.yaml"
-    config.write_text("model:\n  max_batch_tokens: -1\n")
+    config.write_text("model:\n  forward_max_tokens: -1\n")
     assert main(["predict", "x", "--config", str(config)]) == 2
     err = capsys.readouterr().err
-    assert "model.max_batch_tokens: Value error, max_batch_tokens must be a positive number of tokens or 'auto'" in err
+    assert "model.forward_max_tokens: Value error, forward_max_tokens must be a positive number of tokens" in err
 
 
 def test_missing_model_directory_exits_1_with_the_reason(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -58,10 +58,10 @@ def test_missing_model_directory_exits_1_with_the_reason(tmp_path: Path, capsys:
 
 def test_max_batch_tokens_flag_takes_a_count_or_auto(tiny_checkpoint: Path, capsys: pytest.CaptureFixture[str]) -> None:
     for value in ("auto", "700"):
-        assert main(["predict", "a good film", "--model", str(tiny_checkpoint), "--max-batch-tokens", value]) == 0
+        assert main(["predict", "a good film", "--model", str(tiny_checkpoint), "--forward-max-tokens", value]) == 0
     capsys.readouterr()
     with pytest.raises(SystemExit) as info:
-        main(["predict", "a good film", "--model", str(tiny_checkpoint), "--max-batch-tokens", "lots"])
+        main(["predict", "a good film", "--model", str(tiny_checkpoint), "--forward-max-tokens", "lots"])
     assert info.value.code == 2
     assert "expected an integer or 'auto', got 'lots'" in capsys.readouterr().err
 

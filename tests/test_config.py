@@ -23,8 +23,8 @@ def test_defaults_are_the_imdb_model_with_head_tail() -> None:
         ({"dtype": "fp8"}, "dtype"),
         ({"long_text": "middle"}, "long_text"),
         ({"device": "tpu"}, "device"),
-        ({"max_batch_tokens": 0}, "max_batch_tokens"),
-        ({"max_batch_tokens": "lots"}, "max_batch_tokens"),
+        ({"forward_max_tokens": 0}, "forward_max_tokens"),
+        ({"forward_max_tokens": "lots"}, "forward_max_tokens"),
         ({"labels": ["neg", "neg"]}, "labels"),
         ({"gpu_memory_fraction": 1.5}, "gpu_memory_fraction"),
         ({"modle_id": "x"}, "modle_id"),
@@ -38,11 +38,11 @@ def test_config_errors_name_the_field(fields: dict[str, object], named: str) -> 
 
 
 def test_max_batch_tokens_takes_a_count_or_auto() -> None:
-    assert ModelConfig().max_batch_tokens == "auto"
-    assert ModelConfig(max_batch_tokens=4096).max_batch_tokens == 4096
-    assert ModelConfig.model_validate({"max_batch_tokens": "auto"}).max_batch_tokens == "auto"
+    assert ModelConfig().forward_max_tokens == "auto"
+    assert ModelConfig(forward_max_tokens=4096).forward_max_tokens == 4096
+    assert ModelConfig.model_validate({"forward_max_tokens": "auto"}).forward_max_tokens == "auto"
     with pytest.raises(ValidationError, match="positive number of tokens or 'auto', got -5"):
-        ModelConfig(max_batch_tokens=-5)
+        ModelConfig(forward_max_tokens=-5)
 
 
 def test_auto_budget_is_small_on_a_cpu_and_large_on_a_gpu() -> None:
@@ -65,3 +65,22 @@ def test_read_yaml_names_the_file(tmp_path: Path) -> None:
     listing.write_text("- a\n- b\n")
     with pytest.raises(InvalidInputError, match="mapping"):
         read_yaml(listing)
+
+
+def test_old_batching_names_are_read_with_a_warning_naming_the_new_ones() -> None:
+    import warnings
+
+    from deployments.args import parse_serve_args
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        old = {"model": {"max_batch_tokens": 2048, "max_batch_size": 8}, "batch_max_texts": 8}
+        args = parse_serve_args({**old, "batch_wait_timeout_s": 0.1})
+    assert (args.model.forward_max_tokens, args.model.forward_max_inputs) == (2048, 8)
+    assert (args.gather_max_texts, args.gather_wait_s) == (8, 0.1)
+    messages = sorted(str(warning.message) for warning in caught if warning.category is FutureWarning)
+    assert messages[0].startswith("args.batch_max_texts is deprecated: it is now args.gather_max_texts")
+    new_name = "model.max_batch_tokens is deprecated: it is now model.forward_max_tokens"
+    assert any(message.startswith(new_name) for message in messages)
+    with pytest.raises(ValueError, match=r"old name of model\.forward_max_tokens; give only forward_max_tokens"):
+        ModelConfig(max_batch_tokens=1, forward_max_tokens=2)

@@ -41,8 +41,8 @@ def base_url(ray_session: Any, tiny_checkpoint: Path) -> Iterator[str]:
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     deploy(
         {
-            "open": (tiny_args(tiny_checkpoint, batch_wait_timeout_s=0.01), "/"),
-            "guarded": (tiny_args(tiny_checkpoint, batch_wait_timeout_s=0.01, api_key=API_KEY), "/guarded"),
+            "open": (tiny_args(tiny_checkpoint, gather_wait_s=0.01), "/"),
+            "guarded": (tiny_args(tiny_checkpoint, gather_wait_s=0.01, api_key=API_KEY), "/guarded"),
         }
     )
     yield f"http://127.0.0.1:{port}"

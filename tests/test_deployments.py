@@ -99,21 +99,21 @@ def urls(serve_port: int, tiny_checkpoint: Path) -> dict[str, str]:
                     tiny_checkpoint,
                     max_texts_per_request=MAX_TEXTS,
                     max_chars_per_text=MAX_CHARS,
-                    batch_wait_timeout_s=0.05,
-                    batch_max_texts=32,
+                    gather_wait_s=0.05,
+                    gather_max_texts=32,
                     max_ongoing_requests=64,
                 ),
                 "/",
             ),
             # Only the metrics test sends requests here, so its counters start from zero.
-            "metered": (tiny_args(tiny_checkpoint, batch_wait_timeout_s=0.05), "/metered"),
+            "metered": (tiny_args(tiny_checkpoint, gather_wait_s=0.05), "/metered"),
             "guarded": (
                 tiny_args(
                     tiny_checkpoint,
                     api_key=API_KEY,
                     model={"model_id": str(tiny_checkpoint), "long_text": "chunks"},
                     # Room for one batch in the replica and one request in the proxy's queue.
-                    batch_max_texts=2,
+                    gather_max_texts=2,
                     max_ongoing_requests=2,
                     max_queued_requests=1,
                     max_chars_per_text=100_000,
@@ -314,8 +314,8 @@ def test_autoscaling_grows_under_a_burst_and_shrinks_back(serve_port: int, tiny_
             "look_back_period_s": 11,  # Serve wants it above its 10 s metrics interval
         },
         # Each request waits for company for 0.2 s, so 12 clients keep about 12 requests ongoing.
-        batch_wait_timeout_s=0.2,
-        batch_max_texts=16,
+        gather_wait_s=0.2,
+        gather_max_texts=16,
         max_ongoing_requests=16,
     )
     deploy({app: (args, "/autoscaled")})

@@ -29,26 +29,26 @@ def test_defaults_follow_the_issue() -> None:
     args = ServeArgs()
     assert args.max_texts_per_request == 64
     assert args.max_chars_per_text == 100_000
-    assert args.effective_batch_max_texts == 64
-    assert args.effective_batch_max_tokens == 16384
-    assert args.max_ongoing_requests >= args.effective_batch_max_texts
+    assert args.effective_gather_max_texts == 64
+    assert args.effective_gather_max_tokens == 16384
+    assert args.max_ongoing_requests >= args.effective_gather_max_texts
     assert args.api_key is None
 
 
 def test_gathered_batch_holds_at_least_one_forward_pass() -> None:
     # A small forward budget (a CPU's) still gathers many requests; a big one raises the gathered budget.
-    assert parse_serve_args({"model": {"max_batch_tokens": 1024}}).effective_batch_max_tokens == 16384
-    assert parse_serve_args({"model": {"max_batch_tokens": 65536}}).effective_batch_max_tokens == 65536
-    assert parse_serve_args({"batch_max_tokens": 4000}).effective_batch_max_tokens == 4000
+    assert parse_serve_args({"model": {"forward_max_tokens": 1024}}).effective_gather_max_tokens == 16384
+    assert parse_serve_args({"model": {"forward_max_tokens": 65536}}).effective_gather_max_tokens == 65536
+    assert parse_serve_args({"gather_max_tokens": 4000}).effective_gather_max_tokens == 4000
 
 
 def test_max_ongoing_requests_below_the_batch_size_is_refused() -> None:
     with pytest.raises(InvalidInputError, match=r"max_ongoing_requests \(16\) must be at least the batch size \(32"):
-        parse_serve_args({"max_ongoing_requests": 16, "batch_max_texts": 32})
+        parse_serve_args({"max_ongoing_requests": 16, "gather_max_texts": 32})
     # The model's forward batch size is the default gathered batch size.
     with pytest.raises(InvalidInputError, match="batch size"):
-        parse_serve_args({"max_ongoing_requests": 8, "model": {"max_batch_size": 16}})
-    assert parse_serve_args({"max_ongoing_requests": 8, "model": {"max_batch_size": 8}}).max_ongoing_requests == 8
+        parse_serve_args({"max_ongoing_requests": 8, "model": {"forward_max_inputs": 16}})
+    assert parse_serve_args({"max_ongoing_requests": 8, "model": {"forward_max_inputs": 8}}).max_ongoing_requests == 8
 
 
 @pytest.mark.parametrize(
@@ -132,7 +132,7 @@ def test_shipped_serve_yaml_is_a_valid_ray_serve_config() -> None:
     assert config.http_options.host == "127.0.0.1"
     args = shipped_args()
     assert args.model.model_id == "lvwerra/bert-imdb"
-    assert args.max_ongoing_requests >= args.effective_batch_max_texts
+    assert args.max_ongoing_requests >= args.effective_gather_max_texts
 
 
 def test_the_cluster_serve_config_asks_for_a_quarter_gpu_even_while_no_gpu_node_is_up() -> None:
@@ -146,11 +146,12 @@ def test_the_cluster_serve_config_asks_for_a_quarter_gpu_even_while_no_gpu_node_
     # cluster.yaml's GPU workers start at zero: at deploy time the cluster has no GPU at all.
     options = deployment_options(args, cluster_gpus=0)
     assert options["ray_actor_options"]["num_gpus"] == 0.25
-    # Apart from the GPU share and the replica bound, the same app as serve.yaml.
+    # Apart from the GPU share, the replica bound and the start retries (nodes download the model
+    # themselves), the same app as serve.yaml.
     local = shipped_args()
     assert args.model == local.model
     differing = {name for name in ServeArgs.model_fields if getattr(args, name) != getattr(local, name)}
-    assert differing == {"ray_actor_options", "autoscaling"}
+    assert differing == {"ray_actor_options", "autoscaling", "max_constructor_retry_count"}
     assert args.autoscaling.model_copy(update={"max_replicas": 4}) == local.autoscaling
     # Where cluster users are told to deploy it: the README and cluster.yaml's own header.
     for document in (REPO / "README.md", REPO / "cluster.yaml"):

@@ -18,11 +18,11 @@ from sentiment.testing import WORDS, make_checkpoint
 
 STRATEGIES = ("head", "tail", "head_tail", "chunks")
 BATCHINGS = [
-    {"max_batch_tokens": 16384, "max_batch_size": 64},
-    {"max_batch_tokens": 3000, "max_batch_size": 200},
-    {"max_batch_tokens": 1024, "max_batch_size": 8},
-    {"max_batch_tokens": 512, "max_batch_size": 1},
-    {"max_batch_tokens": 1, "max_batch_size": 1},
+    {"forward_max_tokens": 16384, "forward_max_inputs": 64},
+    {"forward_max_tokens": 3000, "forward_max_inputs": 200},
+    {"forward_max_tokens": 1024, "forward_max_inputs": 8},
+    {"forward_max_tokens": 512, "forward_max_inputs": 1},
+    {"forward_max_tokens": 1, "forward_max_inputs": 1},
 ]
 
 
@@ -85,7 +85,9 @@ def expected(reference: Reference) -> dict[str, np.ndarray]:
     return {s: np.stack([reference.probabilities(t, s) for t in TEXTS]) for s in STRATEGIES}
 
 
-@pytest.mark.parametrize("batching", BATCHINGS, ids=lambda b: f"{b['max_batch_tokens']}tok-{b['max_batch_size']}seq")
+@pytest.mark.parametrize(
+    "batching", BATCHINGS, ids=lambda b: f"{b['forward_max_tokens']}tok-{b['forward_max_inputs']}seq"
+)
 def test_predictions_match_unpadded_reference_for_every_batching(
     tiny_checkpoint: Path, expected: dict[str, np.ndarray], batching: dict[str, int]
 ) -> None:
@@ -207,7 +209,7 @@ def test_model_with_fewer_positions_caps_the_length(checkpoints: Path) -> None:
 def test_plan_batches_respects_budget_and_places_every_input_once() -> None:
     rng = random.Random(3)
     lengths = [rng.randint(2, 512) for _ in range(500)]
-    batches = plan_batches(lengths, max_batch_tokens=4096, max_batch_size=16)
+    batches = plan_batches(lengths, forward_max_tokens=4096, forward_max_inputs=16)
     assert sorted(i for batch in batches for i in batch) == list(range(500))
     for batch in batches:
         assert len(batch) <= 16
@@ -215,7 +217,7 @@ def test_plan_batches_respects_budget_and_places_every_input_once() -> None:
 
 
 def test_plan_batches_runs_an_oversized_input_alone() -> None:
-    assert plan_batches([10, 900, 10], max_batch_tokens=100, max_batch_size=8) == [[1], [0, 2]]
+    assert plan_batches([10, 900, 10], forward_max_tokens=100, forward_max_inputs=8) == [[1], [0, 2]]
 
 
 async def _apredict(classifier: SentimentClassifier, texts: list[str]) -> list[str]:
@@ -233,16 +235,16 @@ def test_describe_reports_what_runs(classifier: SentimentClassifier, tiny_checkp
     assert info["model"] == str(tiny_checkpoint)
     assert (info["labels"], info["max_length"], info["dtype"], info["device"]) == (["neg", "pos"], 512, "fp32", "cpu")
     # The default budget, 'auto', resolved for the device and precision that run.
-    assert info["max_batch_tokens"] == classifier.max_batch_tokens == 1024
+    assert info["forward_max_tokens"] == classifier.forward_max_tokens == 1024
 
 
 def test_auto_budget_follows_the_precision_and_an_explicit_budget_is_kept(tiny_checkpoint: Path) -> None:
     bf16 = SentimentClassifier(ModelConfig(model_id=str(tiny_checkpoint), dtype="bf16", device="cpu"))
-    assert bf16.max_batch_tokens == 2048
+    assert bf16.forward_max_tokens == 2048
     fixed = SentimentClassifier(
-        ModelConfig(model_id=str(tiny_checkpoint), max_batch_tokens=300, max_batch_size=64, device="cpu")
+        ModelConfig(model_id=str(tiny_checkpoint), forward_max_tokens=300, forward_max_inputs=64, device="cpu")
     )
-    assert fixed.max_batch_tokens == 300
+    assert fixed.forward_max_tokens == 300
     # 300 tokens hold 3 windows of 100 tokens, so 7 texts of that length take 3 forward passes.
     text = " ".join(["good"] * 98)
     assert len(fixed.encode([text])[0].windows[0]) == 100

@@ -140,7 +140,7 @@ def test_losing_a_worker_node_mid_job_still_writes_every_row_once(
     write_corpus(tmp_path / "in", rows=files * rows_per_file, files=files, seed=12)
     out = tmp_path / "out"
     args = PipelineArgs(
-        model=ModelConfig(model_id=str(tiny_checkpoint), max_batch_size=1),
+        model=ModelConfig(model_id=str(tiny_checkpoint), forward_max_inputs=1),
         input=str(tmp_path / "in"),
         output=str(out),
         min_actors=1,
@@ -197,7 +197,7 @@ def test_killing_a_replica_under_load_fails_only_its_requests_in_flight(
     from ray.util.state import list_actors
 
     serve.run(
-        build_app(serve_args(tiny_checkpoint, num_replicas=2, max_ongoing_requests=16, batch_max_texts=8)),
+        build_app(serve_args(tiny_checkpoint, num_replicas=2, max_ongoing_requests=16, gather_max_texts=8)),
         name="faulty",
         route_prefix="/faulty",
     )

@@ -237,7 +237,7 @@ def test_run_report_holds_the_numbers_of_the_output_and_the_summary_line_comes_f
         else:
             assert (actor["device"], actor["dtype"], actor["gpu_memory_cap_bytes"]) == ("cpu", "fp32", None)
         assert actor["torch_threads"] >= 1
-        assert actor["max_batch_tokens"] == classifier_budget(actor["device"], actor["dtype"])
+        assert actor["forward_max_tokens"] == classifier_budget(actor["device"], actor["dtype"])
     assert report["config"]["batch_size"] == 32
     assert (report["config"]["min_actors"], report["config"]["max_actors"]) == (1, 2)
     assert report["config"]["output"] == str(out)
@@ -505,7 +505,7 @@ def test_a_one_file_corpus_killed_midway_resumes_from_its_complete_slices(
     out = tmp_path / "out"
     staging = tmp_path / ("out" + STAGING_SUFFIX)
     # Small slices and one text per forward pass: a run long enough to kill midway.
-    flags = ["--model", str(tiny_checkpoint), "--batch-size", str(rows_per_slice), "--max-batch-size", "1"]
+    flags = ["--model", str(tiny_checkpoint), "--batch-size", str(rows_per_slice), "--forward-max-inputs", "1"]
     env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
     log = tmp_path / "killed-run.log"
     with log.open("w") as sink:

@@ -47,8 +47,8 @@ def client(tiny_checkpoint: Path) -> Iterator[TestClient]:
         tiny_checkpoint,
         max_texts_per_request=MAX_TEXTS,
         max_chars_per_text=MAX_CHARS,
-        batch_wait_timeout_s=0.05,
-        batch_max_texts=32,
+        gather_wait_s=0.05,
+        gather_max_texts=32,
         max_ongoing_requests=64,
     )
 
@@ -118,7 +118,7 @@ def test_health_readiness_info_and_docs(client: TestClient, classifier: Sentimen
     assert info["max_length"] == 512
     assert info["long_text"] == "head_tail"
     assert (info["dtype"], info["device"]) == ("fp32", "cpu")
-    assert (info["batch_max_texts"], info["batch_max_tokens"], info["batch_wait_timeout_s"]) == (32, 16384, 0.05)
+    assert (info["gather_max_texts"], info["gather_max_tokens"], info["gather_wait_s"]) == (32, 16384, 0.05)
     assert (info["max_texts_per_request"], info["max_chars_per_text"]) == (MAX_TEXTS, MAX_CHARS)
     docs = client.get("/docs")
     assert docs.status_code == 200

@@ -56,7 +56,7 @@ def server(tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch) -> SentimentS
 
     server = SentimentServer(
         # A wait, so the concurrent requests below share one gathered batch.
-        ServeArgs(model=model, batch_wait_timeout_s=0.5),
+        ServeArgs(model=model, gather_wait_s=0.5),
         classifier=classifier,
         metrics=RecordingMetrics(),
     )
@@ -76,7 +76,7 @@ def test_only_the_request_with_a_text_too_big_for_the_gpu_fails_and_the_replica_
 
     async def after_a_first_batch() -> list[list[Prediction] | BaseException]:
         # The batcher's loop starts with the first request and takes it at once; from then on, a
-        # request that finds it idle waits batch_wait_timeout_s for company, so these three share a batch.
+        # request that finds it idle waits gather_wait_s for company, so these three share a batch.
         await server.classify(["warm"])
         return await classify_all(server, requests)
 
@@ -164,7 +164,7 @@ def slow_server(checkpoint: Path, monkeypatch: pytest.MonkeyPatch, max_queue_wai
         return original(batch)
 
     server = SentimentServer(
-        ServeArgs(model=model, max_queue_wait_s=max_queue_wait_s, batch_max_texts=4), classifier=classifier
+        ServeArgs(model=model, max_queue_wait_s=max_queue_wait_s, gather_max_texts=4), classifier=classifier
     )
     monkeypatch.setattr(classifier, "_forward_batch", slow)
     return server
