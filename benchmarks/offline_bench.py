@@ -6,7 +6,7 @@
 
 - **overhead**: ``sentiment batch`` with its shipped defaults and a tiny checkpoint (so that the
   pipeline's own cost shows) against a one-process loop of the same class over the same Parquet, in
-  slices of ``--batch-size`` rows: rows/s of both (model load included in both), and their ratio.
+  slices of ``--rows-per-call`` rows: rows/s of both (model load included in both), and their ratio.
 - **user**: ``sentiment batch IN OUT --model <BERT-base-sized dir> --dtype fp32`` with the shipped
   defaults, timed as a whole process (Python start, Ray start and model load included), against a
   process running the ``transformers.pipeline("text-classification")(texts, batch_size=16,
@@ -78,7 +78,7 @@ def timed(argv: list[str], log: Path) -> float:
     return time.perf_counter() - started
 
 
-def overhead(out: Path, rows: int, batch_size: int) -> dict[str, Any]:
+def overhead(out: Path, rows: int, rows_per_call: int) -> dict[str, Any]:
     from sentiment.config import ModelConfig
     from sentiment.model import SentimentClassifier
 
@@ -93,7 +93,7 @@ def overhead(out: Path, rows: int, batch_size: int) -> dict[str, Any]:
     classifier = SentimentClassifier(ModelConfig(model_id=str(checkpoint), device="cpu"))
     parquet = pq.ParquetFile(next(corpus.glob("*.parquet")))
     done = 0
-    for batch in parquet.iter_batches(batch_size=batch_size, columns=["text"]):
+    for batch in parquet.iter_batches(batch_size=rows_per_call, columns=["text"]):
         done += len(classifier.predict(batch.column(0).to_pylist()))
     loop_seconds = time.perf_counter() - started
     return {
@@ -189,7 +189,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("mode", choices=["overhead", "user", "resume"])
     parser.add_argument("--rows", type=int, help="reviews (default: overhead 4000, user 300, resume 40000)")
     parser.add_argument("--repeats", type=int, default=2, help="alternating runs of each contender (user)")
-    parser.add_argument("--batch-size", type=int, default=1024, help="rows per call of the loop (overhead)")
+    parser.add_argument("--rows-per-call", type=int, default=1024, help="rows per call of the loop (overhead)")
     parser.add_argument("--out", default="benchmarks/out/offline", help="working directory (default: %(default)s)")
     options = parser.parse_args(argv)
     out = Path(options.out).resolve()
@@ -197,7 +197,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     rows = options.rows or {"overhead": 4000, "user": 300, "resume": 40000}[options.mode]
     if options.mode == "overhead":
-        result = overhead(out, rows, options.batch_size)
+        result = overhead(out, rows, options.rows_per_call)
     elif options.mode == "user":
         result = user(out, rows, options.repeats)
     else:

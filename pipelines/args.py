@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from sentiment.config import ModelConfig, parse_section
+from sentiment.config import ModelConfig, accept_renamed, parse_section
 
 
 class PipelineArgs(BaseModel):
@@ -67,7 +67,7 @@ class PipelineArgs(BaseModel):
             "node (Ray would give it one thread per reserved CPU, so a default of one)."
         ),
     )
-    batch_size: int = Field(
+    rows_per_call: int = Field(
         1024,
         ge=1,
         description=(
@@ -89,10 +89,10 @@ class PipelineArgs(BaseModel):
     def _renamed_fields(cls, data: Any) -> Any:
         if isinstance(data, dict) and "output_file_bytes" in data:
             raise ValueError(
-                "output_file_bytes is gone: the job writes one file per slice of batch_size rows (--batch-size), "
-                "so that a crash re-does only the slices in flight"
+                "output_file_bytes is gone: the job writes one file per slice of rows_per_call rows "
+                "(--rows-per-call), so that a crash re-does only the slices in flight"
             )
-        return data
+        return accept_renamed(data, {"batch_size": "rows_per_call"}, "batch")
 
     @field_validator("input")
     @classmethod

@@ -83,7 +83,7 @@ def run(args: PipelineArgs, progress_interval_s: float = 10.0) -> BatchResult:
 
     if args.resume and not resuming and files.exists(output.child(SUCCESS)):
         # Complete: how it was sliced no longer matters.
-        check_manifest(output.child(MANIFEST), expected, f"into {output.uri}", ignore=("batch_size",))
+        check_manifest(output.child(MANIFEST), expected, f"into {output.uri}", ignore=("rows_per_call",))
         rows = complete_rows([entry for entry in files.list_files(output) if entry.path.endswith(".parquet")])
         if rows != plan.rows:
             raise BatchJobError(f"output {output.uri} holds {rows} rows but the inputs hold {plan.rows}")

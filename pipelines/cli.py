@@ -73,7 +73,7 @@ def register(commands: Any) -> None:
 
 
 # PipelineArgs fields that are flags of their own (the others have flags below, or come from the file).
-_POOL_FIELDS = ("num_gpus", "num_cpus", "cpu_threads", "batch_size")
+_POOL_FIELDS = ("num_gpus", "num_cpus", "cpu_threads", "rows_per_call")
 
 
 def _add_pool_arguments(parser: argparse.ArgumentParser) -> None:

@@ -93,8 +93,8 @@ def map_batches_options(args: PipelineArgs, pool: PoolSizes, actor_log: Any = No
     options: dict[str, Any] = {
         "fn_constructor_kwargs": {"config": args.model.for_gpu_share(pool.num_gpus), "actor_log": actor_log},
         "compute": ActorPoolStrategy(min_size=pool.min_actors, max_size=pool.max_actors),
-        # Blocks hold batch_size rows (see scored_dataset), so a call is one block.
-        "batch_size": args.batch_size,
+        # Blocks hold rows_per_call rows (see scored_dataset), so a call is one block.
+        "batch_size": args.rows_per_call,
         "batch_format": "pyarrow",
         "num_cpus": args.num_cpus,
         # One output row per input row: lets Ray Data push limits through the stage.
@@ -111,7 +111,7 @@ def map_batches_options(args: PipelineArgs, pool: PoolSizes, actor_log: Any = No
 def tokenize_options(args: PipelineArgs) -> dict[str, Any]:
     """The ``map_batches`` arguments of the tokenize stage (`pipelines.stage.tokenize`): CPU tasks."""
     return {
-        "batch_size": args.batch_size,
+        "batch_size": args.rows_per_call,
         "batch_format": "pyarrow",
         "num_cpus": 1,
         "udf_modifying_row_count": False,
@@ -163,7 +163,7 @@ def scored_dataset(
         read_slices,
         filesystem=files.locate(plan.inputs[0].uri).filesystem,
         schema=plan.read_schema,
-        rows_per_slice=args.batch_size,
+        rows_per_slice=args.rows_per_call,
         text_column=text,
         text_errors=text_errors,
         mark_texts=mark_texts,
@@ -174,7 +174,7 @@ def scored_dataset(
     # Blocks of one slice's size: Ray Data merges what a read task yields into big blocks, and a
     # big block would go through each stage whole, holding back every row's output until its end
     # (and all of it from a resume). Before any actor stage, so it is not fused into one.
-    ds = ds.repartition(target_num_rows_per_block=args.batch_size)
+    ds = ds.repartition(target_num_rows_per_block=args.rows_per_call)
     ds = build_pipeline(ds, args, pool, actor_log)
     if mark_texts:
         ds = ds.map_batches(

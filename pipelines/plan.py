@@ -3,7 +3,7 @@
 Every input file's footer is read first: a missing file or text column, a file that is not Parquet,
 files whose columns disagree, or an input without rows fail the job with the file's and column's
 names, before Ray starts or any model loads. The rows are then cut into **slices**: at most
-``batch_size`` rows of one row group each. A slice is read together, scored in one model call,
+``rows_per_call`` rows of one row group each. A slice is read together, scored in one model call,
 written as one output file, and is what a resumed run re-does when a crash cut it short.
 """
 
@@ -34,7 +34,7 @@ STAGING_SUFFIX = ".staging"
 
 @dataclass(frozen=True)
 class Slice:
-    """At most ``batch_size`` consecutive rows of one row group of one input file."""
+    """At most ``rows_per_call`` consecutive rows of one row group of one input file."""
 
     file: int
     number: int
@@ -142,7 +142,7 @@ def plan_inputs(args: PipelineArgs) -> InputPlan:
 
     if sum(item.rows for item in inputs) == 0:
         raise InvalidInputError(f"input {', '.join(args.inputs)} has no rows ({len(inputs)} file(s), all empty)")
-    return InputPlan(inputs, kept, read_columns, read_schema, plan_slices(inputs, args.batch_size))
+    return InputPlan(inputs, kept, read_columns, read_schema, plan_slices(inputs, args.rows_per_call))
 
 
 def with_labels(plan: InputPlan, labels: Sequence[str]) -> InputPlan:

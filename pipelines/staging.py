@@ -58,8 +58,8 @@ def manifest(args: PipelineArgs, plan: InputPlan) -> dict[str, Any]:
         "model": {name: model[name] for name in _PREDICTION_FIELDS},
         "text_column": args.text_column,
         "columns": plan.output_columns,
-        # The slices are cut by batch_size: a resumed run must cut them the same way.
-        "batch_size": args.batch_size,
+        # The slices are cut by rows_per_call: a resumed run must cut them the same way.
+        "rows_per_call": args.rows_per_call,
         "inputs": [
             {"index": item.index, "uri": item.uri, "rows": item.rows, "bytes": item.size} for item in plan.inputs
         ],
@@ -145,9 +145,11 @@ def check_manifest(location: Location, expected: dict[str, Any], what: str, igno
         found = json.loads(files.read_text(location))
     except (OSError, ValueError) as exc:
         raise InvalidInputError(f"cannot resume: {location.uri} is unreadable ({exc}); pass --overwrite") from exc
+    if isinstance(found, dict) and "batch_size" in found:  # written before rows_per_call had its name
+        found["rows_per_call"] = found.pop("batch_size")
     for key in expected:
         if key not in ignore and found.get(key) != expected[key]:
-            hint = f"pass --batch-size {found.get(key)} or" if key == "batch_size" else "pass"
+            hint = f"pass --rows-per-call {found.get(key)} or" if key == "rows_per_call" else "pass"
             raise InvalidInputError(
                 f"cannot resume {what}: its {key!r} differs from this run's (it was {found.get(key)!r}); "
                 f"{hint} --overwrite to start over"

@@ -84,3 +84,17 @@ def test_old_batching_names_are_read_with_a_warning_naming_the_new_ones() -> Non
     assert any(message.startswith(new_name) for message in messages)
     with pytest.raises(ValueError, match=r"old name of model\.forward_max_tokens; give only forward_max_tokens"):
         ModelConfig(max_batch_tokens=1, forward_max_tokens=2)
+
+
+def test_the_batch_jobs_old_batch_size_is_read_as_rows_per_call() -> None:
+    import warnings
+
+    from pipelines.args import PipelineArgs
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        args = PipelineArgs(input="in.parquet", output="out", batch_size=256)
+    assert args.rows_per_call == 256
+    assert [str(w.message) for w in caught if w.category is FutureWarning] == [
+        "batch.batch_size is deprecated: it is now batch.rows_per_call (the old name is read until the next release)"
+    ]

@@ -124,7 +124,7 @@ def test_batch_actors_run_on_both_workers_and_the_output_is_complete(
         min_actors=2,
         max_actors=2,
         num_gpus=1,
-        batch_size=25,
+        rows_per_call=25,
     )
     result = run(args)
     assert result.rows == 400
@@ -146,7 +146,7 @@ def test_losing_a_worker_node_mid_job_still_writes_every_row_once(
         min_actors=1,
         max_actors=2,
         num_gpus=1,
-        batch_size=5,
+        rows_per_call=5,
     )
     outcome: dict[str, Any] = {}
 

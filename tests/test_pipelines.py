@@ -100,7 +100,7 @@ def scored(ray_session: Any, corpus: Path, tiny_checkpoint: Path) -> tuple[Path,
     """``sentiment batch`` over the corpus, in this process: the output directory and what it printed."""
     out = corpus.parent / "out"
     printed = io.StringIO()
-    argv = ["batch", str(corpus), str(out), "--model", str(tiny_checkpoint), "--actors", "1-2", "--batch-size", "32"]
+    argv = ["batch", str(corpus), str(out), "--model", str(tiny_checkpoint), "--actors", "1-2", "--rows-per-call", "32"]
     with contextlib.redirect_stdout(printed):
         assert main(argv) == 0
     return out, printed.getvalue()
@@ -238,7 +238,7 @@ def test_run_report_holds_the_numbers_of_the_output_and_the_summary_line_comes_f
             assert (actor["device"], actor["dtype"], actor["gpu_memory_cap_bytes"]) == ("cpu", "fp32", None)
         assert actor["torch_threads"] >= 1
         assert actor["forward_max_tokens"] == classifier_budget(actor["device"], actor["dtype"])
-    assert report["config"]["batch_size"] == 32
+    assert report["config"]["rows_per_call"] == 32
     assert (report["config"]["min_actors"], report["config"]["max_actors"]) == (1, 2)
     assert report["config"]["output"] == str(out)
     assert report["ray_version"] == ray.__version__
@@ -314,7 +314,7 @@ def test_map_batches_runs_the_shared_class_on_an_actor_pool(tiny_checkpoint: Pat
         min_actors=2,
         max_actors=8,
         num_gpus=0.25,
-        batch_size=128,
+        rows_per_call=128,
         cpu_threads=2,
     )
     options = map_batches_options(args, pool_sizes(args, cluster_gpus=0, node_cpus=[4]), actor_log=None)
@@ -326,7 +326,7 @@ def test_map_batches_runs_the_shared_class_on_an_actor_pool(tiny_checkpoint: Pat
             "config": args.model.model_copy(update={"gpu_memory_fraction": 0.25}),
             "actor_log": None,
         },
-        "batch_size": 128,
+        "rows_per_call": 128,
         "batch_format": "pyarrow",
         "num_cpus": 1,
         "num_gpus": 0.25,
@@ -505,7 +505,7 @@ def test_a_one_file_corpus_killed_midway_resumes_from_its_complete_slices(
     out = tmp_path / "out"
     staging = tmp_path / ("out" + STAGING_SUFFIX)
     # Small slices and one text per forward pass: a run long enough to kill midway.
-    flags = ["--model", str(tiny_checkpoint), "--batch-size", str(rows_per_slice), "--forward-max-inputs", "1"]
+    flags = ["--model", str(tiny_checkpoint), "--rows-per-call", str(rows_per_slice), "--forward-max-inputs", "1"]
     env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
     log = tmp_path / "killed-run.log"
     with log.open("w") as sink:
@@ -538,7 +538,7 @@ def test_a_one_file_corpus_killed_midway_resumes_from_its_complete_slices(
         input=str(tmp_path / "in"),
         output=str(out),
         resume=True,
-        batch_size=rows_per_slice,  # the slicing of the interrupted run
+        rows_per_call=rows_per_slice,  # the slicing of the interrupted run
     )
     result = run(args)
     # Only the slices the kill cut short are scored again: the one file is not redone whole.
@@ -552,17 +552,18 @@ def test_a_one_file_corpus_killed_midway_resumes_from_its_complete_slices(
     assert f"resumed: {done_before} of {slices} slices were already complete" in result.summary_line()
 
 
-def test_resuming_with_another_batch_size_is_refused_naming_the_one_to_give(
+def test_resuming_with_another_rows_per_call_is_refused_naming_the_one_to_give(
     ray_session: Any, tmp_path: Path, tiny_checkpoint: Path
 ) -> None:
     write_corpus(tmp_path / "in", rows=20, files=1, seed=3)
     from pipelines.staging import manifest
 
     model = ModelConfig(model_id=str(tiny_checkpoint))
-    args = PipelineArgs(model=model, input=str(tmp_path / "in"), output=str(tmp_path / "out"), batch_size=4)
+    args = PipelineArgs(model=model, input=str(tmp_path / "in"), output=str(tmp_path / "out"), rows_per_call=4)
     staging = tmp_path / ("out" + STAGING_SUFFIX)
     staging.mkdir()
     plan = with_labels(plan_inputs(args), ["neg", "pos"])
     (staging / "_manifest.json").write_text(json.dumps(manifest(args, plan)))
-    with pytest.raises(InvalidInputError, match=r"its 'batch_size' differs .* pass --batch-size 4 or --overwrite"):
-        run(args.model_copy(update={"resume": True, "batch_size": 8}))
+    refusal = r"its 'rows_per_call' differs .* pass --rows-per-call 4 or --overwrite"
+    with pytest.raises(InvalidInputError, match=refusal):
+        run(args.model_copy(update={"resume": True, "rows_per_call": 8}))
