@@ -80,7 +80,8 @@ class PipelineArgs(BaseModel):
     resume: bool = Field(
         False,
         description=(
-            "Continue an interrupted run: keep the outputs of input files that are complete, process the rest."
+            "Continue an interrupted run: keep the slices it already wrote (checked against its manifest), "
+            "score the rest."
         ),
     )
 

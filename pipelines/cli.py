@@ -38,9 +38,8 @@ def register(commands: Any) -> None:
         "directory; both may come from the config file's batch section instead",
     )
     _add_pool_arguments(batch)
-    batch.add_argument("--keep", metavar="COLUMNS", help="comma-separated input columns to write (default: all)")
-    batch.add_argument("--overwrite", action="store_true", default=None, help="replace an existing output")
-    batch.add_argument("--resume", action="store_true", default=None, help="continue an interrupted run")
+    output = batch.add_argument_group("output (PipelineArgs fields)")
+    batch.set_defaults(_output_flags=add_flags(output, PipelineArgs, only=("keep", "overwrite", "resume")))
     batch.add_argument(
         "--progress-interval",
         type=float,
@@ -94,18 +93,14 @@ def pipeline_args_from_args(args: argparse.Namespace, **overrides: Any) -> Pipel
     section = dict(section)
     if "model" in section:
         raise UsageError("batch.model: put model settings in the top-level model section")
-    section.update(flag_values(args, getattr(args, "_pipeline_flags", {})))
+    for flags in ("_pipeline_flags", "_output_flags"):
+        section.update(flag_values(args, getattr(args, flags, {})))
     if getattr(args, "actors", None):
         match = _ACTORS.match(args.actors.strip())
         if not match:
             raise UsageError(f"--actors: give N or MIN-MAX (e.g. 1-4), got {args.actors!r}")
         section["min_actors"] = int(match.group(1))
         section["max_actors"] = int(match.group(2) or match.group(1))
-    if getattr(args, "keep", None):
-        section["keep"] = [name.strip() for name in args.keep.split(",") if name.strip()]
-    for flag in ("overwrite", "resume"):
-        if getattr(args, flag, None):
-            section[flag] = True
     section.update(overrides)
     try:
         return parse_pipeline_args({**section, "model": model}, source="batch")

@@ -31,6 +31,14 @@ from sentiment.testing import WORDS
 MAX_TEXTS = 8
 MAX_CHARS = 10_000
 API_KEY = "test-key-0123456789"
+# The ``main`` app's request limits and batching; tests/test_routes.py runs its routes in-process with the same.
+MAIN_LIMITS: dict[str, Any] = {
+    "max_texts_per_request": MAX_TEXTS,
+    "max_chars_per_text": MAX_CHARS,
+    "gather_wait_s": 0.05,
+    "gather_max_texts": 32,
+    "max_ongoing_requests": 64,
+}
 
 
 def free_port() -> int:
@@ -95,14 +103,7 @@ def urls(serve_port: int, tiny_checkpoint: Path) -> dict[str, str]:
     deploy(
         {
             "main": (
-                tiny_args(
-                    tiny_checkpoint,
-                    max_texts_per_request=MAX_TEXTS,
-                    max_chars_per_text=MAX_CHARS,
-                    gather_wait_s=0.05,
-                    gather_max_texts=32,
-                    max_ongoing_requests=64,
-                ),
+                tiny_args(tiny_checkpoint, **MAIN_LIMITS),
                 "/",
             ),
             # Only the metrics test sends requests here, so its counters start from zero.

@@ -24,6 +24,7 @@ from sentiment.config import ModelConfig
 from sentiment.model import SentimentClassifier
 from tests.test_deployments import (
     API_KEY,
+    MAIN_LIMITS,
     MAX_CHARS,
     MAX_TEXTS,
     assert_healthy,
@@ -43,14 +44,7 @@ def in_process(checkpoint: Path, **overrides: Any) -> Iterator[TestClient]:
 @pytest.fixture(scope="module")
 def client(tiny_checkpoint: Path) -> Iterator[TestClient]:
     """The limits of test_deployments' ``main`` app."""
-    yield from in_process(
-        tiny_checkpoint,
-        max_texts_per_request=MAX_TEXTS,
-        max_chars_per_text=MAX_CHARS,
-        gather_wait_s=0.05,
-        gather_max_texts=32,
-        max_ongoing_requests=64,
-    )
+    yield from in_process(tiny_checkpoint, **MAIN_LIMITS)
 
 
 @pytest.fixture(scope="module")
