@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import platform
+import socket
 import subprocess
 from pathlib import Path
 
@@ -36,3 +37,19 @@ def ensure_checkpoint(out: Path, size: str = "base") -> Path:
     if not (checkpoint / "config.json").exists():
         make_checkpoint(checkpoint, size=size)
     return checkpoint
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def start_serve() -> int:
+    """Serve's HTTP proxy on 127.0.0.1 (benchmarks listen on loopback only) at a free port; Ray must be up."""
+    from ray import serve
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    return port

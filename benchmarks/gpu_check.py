@@ -33,7 +33,6 @@ import json
 import os
 import shlex
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -47,7 +46,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.common import ensure_checkpoint
+from benchmarks.common import ensure_checkpoint, free_port
 from benchmarks.corpus import make_reviews, write_corpus
 from benchmarks.run import forward_flops, peak_tflops
 from benchmarks.serve_bench import closed_loop, summarize
@@ -722,12 +721,6 @@ def _info_into(client: Any, base: str, seen: dict[str, dict[str, Any]]) -> None:
     if response.status_code == 200:
         info = response.json()
         seen[str(info.get("replica"))] = info
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _synchronize(device: str) -> None:

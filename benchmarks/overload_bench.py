@@ -28,7 +28,6 @@ import asyncio
 import contextlib
 import json
 import os
-import socket
 import statistics
 import sys
 import time
@@ -38,7 +37,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import ensure_checkpoint
+from benchmarks.common import ensure_checkpoint, start_serve
 from benchmarks.serve_bench import percentile
 
 WINDOW_S = 10.0
@@ -196,10 +195,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     checkpoint = ensure_checkpoint(out, options.size)
     texts = make_reviews(512, seed=11)
     ray.init(address="local", include_dashboard=False, log_to_driver=False)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    port = start_serve()
     num_cpus: Any = options.num_cpus if options.num_cpus == "auto" else float(options.num_cpus)
     overload = options.peak_clients * options.factor
     plan = [

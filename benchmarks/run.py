@@ -28,7 +28,6 @@ import datetime
 import json
 import os
 import shlex
-import socket
 import sys
 import time
 from collections.abc import Sequence
@@ -40,7 +39,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from benchmarks.batch_bench import BASELINE_BATCH_SIZE, agreement, run_baseline, run_job
-from benchmarks.common import cpu_name, cpu_supports_bf16, ensure_checkpoint
+from benchmarks.common import cpu_name, cpu_supports_bf16, ensure_checkpoint, start_serve
 from benchmarks.corpus import write_corpus
 from benchmarks.serve_bench import PipelineBaseline, closed_loop, summarize
 from sentiment.config import auto_max_batch_tokens
@@ -159,12 +158,9 @@ def online(
     resources = {"num_cpus": cpus, "num_gpus": 1 if gpu else 0}
     replica_resources = {"num_cpus": max(1, cpus // replicas), "num_gpus": 1 / replicas if gpu else 0}
     payloads = [{"texts": [text]} for text in texts]
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
     if not ray.is_initialized():
         ray.init(num_cpus=cpus, num_gpus=_gpus(device), include_dashboard=False, log_to_driver=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    port = start_serve()
     rows: list[Row] = []
     systems: list[tuple[str, str, Any, str]] = [
         (

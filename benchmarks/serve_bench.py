@@ -25,7 +25,6 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import statistics
 import sys
 import time
@@ -34,7 +33,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import cpu_supports_bf16, ensure_checkpoint
+from benchmarks.common import cpu_supports_bf16, ensure_checkpoint, start_serve
 
 
 @dataclass(frozen=True)
@@ -192,10 +191,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("this CPU has no bf16 instructions (avx512_bf16/amx_bf16): skipping bf16", file=sys.stderr)
         dtypes.remove("bf16")
     resources = {"num_cpus": cpus, "num_gpus": 1 if gpu else 0}
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    port = start_serve()
     results: list[Result] = []
     try:
         for dtype in dtypes:
