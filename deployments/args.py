@@ -42,7 +42,7 @@ class ActorOptions(BaseModel):
         "auto",
         description=(
             "Logical CPUs per replica. Ray sets OMP_NUM_THREADS to this, so it is also the number of threads "
-            "a CPU replica's forward pass uses (never more than the node's cores). 'auto': 1 for a GPU "
+            "a CPU replica's forward pass uses (never more than the CPUs it may use). 'auto': 1 for a GPU "
             "replica (its CPU work is tokenizing); for a CPU replica, every CPU of the largest node, so one "
             "replica per node runs its forward passes on all the cores."
         ),
