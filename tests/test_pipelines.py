@@ -326,7 +326,7 @@ def test_map_batches_runs_the_shared_class_on_an_actor_pool(tiny_checkpoint: Pat
             "config": args.model.model_copy(update={"gpu_memory_fraction": 0.25}),
             "actor_log": None,
         },
-        "rows_per_call": 128,
+        "batch_size": 128,  # map_batches' own name for rows per call
         "batch_format": "pyarrow",
         "num_cpus": 1,
         "num_gpus": 0.25,
