@@ -91,7 +91,12 @@ def map_batches_options(args: PipelineArgs, pool: PoolSizes, actor_log: Any = No
     from ray.data import ActorPoolStrategy
 
     options: dict[str, Any] = {
-        "fn_constructor_kwargs": {"config": args.model.for_gpu_share(pool.num_gpus), "actor_log": actor_log},
+        "fn_constructor_kwargs": {
+            "config": args.model.for_gpu_share(pool.num_gpus),
+            "actor_log": actor_log,
+            # CPU actors whose threads were not forced (--cpu-threads) may give a core to tokenizing.
+            "adapt_threads": pool.num_gpus == 0 and args.cpu_threads is None,
+        },
         "compute": ActorPoolStrategy(min_size=pool.min_actors, max_size=pool.max_actors),
         # Blocks hold rows_per_call rows (see scored_dataset), so a call is one block.
         "batch_size": args.rows_per_call,

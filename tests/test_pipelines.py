@@ -325,6 +325,7 @@ def test_map_batches_runs_the_shared_class_on_an_actor_pool(tiny_checkpoint: Pat
         "fn_constructor_kwargs": {
             "config": args.model.model_copy(update={"gpu_memory_fraction": 0.25}),
             "actor_log": None,
+            "adapt_threads": False,  # a GPU actor
         },
         "batch_size": 128,  # map_batches' own name for rows per call
         "batch_format": "pyarrow",
