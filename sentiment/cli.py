@@ -22,7 +22,6 @@ from sentiment.flags import add_flags, flag_values
 # The one place a model flag's spelling differs from its ModelConfig field; every other field is
 # --field-name, generated from the field (sentiment.flags), so a new field gets its flag.
 MODEL_FLAG_NAMES = {"model_id": "model"}
-_MODEL_HELP = {"model_id": "hub id or local checkpoint directory"}
 
 
 class UsageError(SentimentError):
@@ -32,7 +31,7 @@ class UsageError(SentimentError):
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags for every `ModelConfig` field; unset flags leave the config file's (or default) value."""
     group = parser.add_argument_group("model (ModelConfig fields; the config file's 'model' section)")
-    dests = add_flags(group, ModelConfig, names=MODEL_FLAG_NAMES, help_overrides=_MODEL_HELP)
+    dests = add_flags(group, ModelConfig, names=MODEL_FLAG_NAMES)
     parser.set_defaults(_model_flags=dests)
     group.add_argument("--config", metavar="FILE", help="YAML file; its 'model' section holds ModelConfig fields")
 

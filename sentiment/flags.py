@@ -24,7 +24,6 @@ def add_flags(
     *,
     names: Mapping[str, str] | None = None,
     only: Collection[str] | None = None,
-    help_overrides: Mapping[str, str] | None = None,
 ) -> dict[str, str]:
     """Add a flag for each field of ``model`` (or each of ``only``) to ``group``; return {namespace dest: field}."""
     names = names or {}
@@ -35,11 +34,11 @@ def add_flags(
         flag = names.get(field, field).replace("_", "-")
         dest = flag.replace("-", "_")
         options = _options(info.annotation, field)
-        description = (help_overrides or {}).get(field) or (info.description or "")
-        default = info.get_default(call_default_factory=False) if info.default is not PydanticUndefined else None
-        shown = "" if default is None or info.default is PydanticUndefined else f" (default: {_shown(default)})"
+        # A default_factory leaves info.default undefined: no default is shown for it.
+        default = None if info.default is PydanticUndefined else info.default
+        shown = "" if default is None else f" (default: {_shown(default)})"
         group.add_argument(
-            f"--{flag}", dest=dest, default=None, help=(description + shown).replace("%", "%%"), **options
+            f"--{flag}", dest=dest, default=None, help=((info.description or "") + shown).replace("%", "%%"), **options
         )
         dests[dest] = field
     return dests
