@@ -40,13 +40,16 @@ class PipelineArgs(BaseModel):
             "is read either way, but written only when kept."
         ),
     )
-    min_actors: int | None = Field(None, ge=1, description="Fewest model actors in the pool. None: 1.")
+    min_actors: int | None = Field(
+        None, ge=1, description="Fewest model actors in the pool. None: 1 with GPU actors, else max_actors."
+    )
     max_actors: int | None = Field(
         None,
         ge=1,
         description=(
             "Most model actors in the pool; Ray Data scales between the two. None: one per GPU the cluster "
-            "has (or its autoscaler can add) with GPU actors, else one per node."
+            "has (or its autoscaler can add) with GPU actors, else one per CPU core (fewer where a node's "
+            "memory cannot hold that many model copies, or the job has fewer slices)."
         ),
     )
     num_gpus: Annotated[float, Field(ge=0)] | Literal["auto"] = Field(
@@ -58,13 +61,20 @@ class PipelineArgs(BaseModel):
             "start at zero, give a number: 'auto' sees no GPU there."
         ),
     )
-    num_cpus: float = Field(1, gt=0, description="Logical CPUs each actor reserves from Ray.")
+    num_cpus: float | None = Field(
+        None,
+        ge=0,
+        description=(
+            "Logical CPUs each model actor reserves from Ray. None: 1 for a GPU actor; CPU actors share what "
+            "their node has beyond one tokenize task, one read and one write."
+        ),
+    )
     cpu_threads: int | None = Field(
         None,
         ge=1,
         description=(
-            "Threads each CPU model actor's forward pass uses (its OMP_NUM_THREADS). None: every core of its "
-            "node (Ray would give it one thread per reserved CPU, so a default of one)."
+            "Threads each CPU model actor's forward pass uses (its OMP_NUM_THREADS). None: one per actor when "
+            "there is an actor per core, else the node's cores shared among its actors."
         ),
     )
     rows_per_call: int = Field(

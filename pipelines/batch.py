@@ -28,8 +28,8 @@ from typing import Any
 
 from pipelines import files
 from pipelines.args import PipelineArgs
-from pipelines.dataset import PoolSizes, map_batches_options, pool_sizes, scored_dataset
-from pipelines.plan import SLICE_COLUMN, STAGING_SUFFIX, checkpoint_labels, plan_inputs, with_labels
+from pipelines.dataset import IO_CPUS, NodeShape, PoolSizes, map_batches_options, pool_sizes, scored_dataset
+from pipelines.plan import SLICE_COLUMN, STAGING_SUFFIX, actor_bytes, checkpoint_labels, plan_inputs, with_labels
 from pipelines.report import BatchResult, Progress, format_summary, now, run_report
 from pipelines.staging import (
     MANIFEST,
@@ -117,7 +117,14 @@ def run(args: PipelineArgs, progress_interval_s: float = 10.0) -> BatchResult:
 
         if not ray.is_initialized():
             ray.init()
-        pool = pool_sizes(args, ray.cluster_resources().get("GPU", 0.0), _node_cpus(), _launchable_gpus())
+        pool = pool_sizes(
+            args,
+            ray.cluster_resources().get("GPU", 0.0),
+            _nodes(),
+            _launchable_gpus(),
+            rows=sum(piece.rows for piece in pending),
+            actor_bytes=actor_bytes(args.model),
+        )
         logger.info("model actors: %s", pool.to_dict())
         # On the driver's node: a worker node lost mid-job must not take the log with it (the
         # actors that replace its model actors report to it too).
@@ -131,6 +138,7 @@ def run(args: PipelineArgs, progress_interval_s: float = 10.0) -> BatchResult:
                     staging.path,
                     filesystem=staging.filesystem,
                     partition_cols=[SLICE_COLUMN],
+                    ray_remote_args={"num_cpus": IO_CPUS},
                 )
             seconds = time.perf_counter() - started
             resolved = {"pool": pool.to_dict(), "num_gpus_per_actor": pool.num_gpus}
@@ -159,11 +167,15 @@ def run(args: PipelineArgs, progress_interval_s: float = 10.0) -> BatchResult:
     return replace(result, report=report)
 
 
-def _node_cpus() -> list[float]:
-    """CPUs of each alive node that has any."""
+def _nodes() -> list[NodeShape]:
+    """CPUs and memory of each alive node that has CPUs."""
     import ray
 
-    return [node["Resources"]["CPU"] for node in ray.nodes() if node["Alive"] and node["Resources"].get("CPU", 0) > 0]
+    return [
+        NodeShape(node["Resources"]["CPU"], node["Resources"].get("memory"))
+        for node in ray.nodes()
+        if node["Alive"] and node["Resources"].get("CPU", 0) > 0
+    ]
 
 
 def _launchable_gpus() -> float:

@@ -5,7 +5,7 @@
   not strings set aside (a text column of another type cannot share a block with string columns:
   its values are written as strings, and its rows get an error instead of predictions);
 - **tokenize**: `TokenizeStage` in CPU tasks, a slice at a time;
-- **model**: `ModelStage` actors (one per GPU, or CPU actors using every core), a slice per call:
+- **model**: `ModelStage` actors (one per GPU, or one single-threaded actor per CPU core), a slice per call:
   the classifier sorts the slice's windows by length and packs them under its token budget, so a
   bigger slice pads less;
 - the set-aside texts are put back, and the write partitions by slice (`pipelines.staging`).
@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -33,6 +34,25 @@ if TYPE_CHECKING:
     from ray.data import Dataset
 
 
+# Logical CPUs a read or a write task reserves: Parquet I/O and decoding, light beside the model.
+# A whole CPU each would keep the first tokenize task waiting for a read on a small node.
+IO_CPUS = 0.25
+# Logical CPUs a tokenize task reserves.
+TOKENIZE_CPUS = 1.0
+# What CPU model actors leave unreserved on their node: one tokenize task, one read, one write.
+TASK_CPUS = TOKENIZE_CPUS + 2 * IO_CPUS
+# Share of a node's Ray memory that CPU model actors may fill with their model copies.
+ACTOR_MEMORY_SHARE = 0.8
+
+
+@dataclass(frozen=True)
+class NodeShape:
+    """What one alive node offers Ray: CPUs and memory (bytes; None where unknown)."""
+
+    cpus: float
+    memory: float | None = None
+
+
 @dataclass(frozen=True)
 class PoolSizes:
     """How many model actors may run, and with what, as resolved for this cluster."""
@@ -42,7 +62,9 @@ class PoolSizes:
     min_actors: int
     max_actors: int
     cpu_threads: int | None
-    """torch threads per CPU model actor (its OMP_NUM_THREADS); None: Ray's default (its num_cpus)."""
+    """torch threads per model actor; None: Ray's default (its num_cpus, at most the cores)."""
+    num_cpus: float
+    """Logical CPUs each model actor reserves."""
     reason: str
 
     def to_dict(self) -> dict[str, Any]:
@@ -51,24 +73,32 @@ class PoolSizes:
             "min_actors": self.min_actors,
             "max_actors": self.max_actors,
             "cpu_threads": self.cpu_threads,
+            "num_cpus_per_actor": self.num_cpus,
             "reason": self.reason,
         }
 
 
 def pool_sizes(
-    args: PipelineArgs, cluster_gpus: float, node_cpus: Sequence[float], launchable_gpus: float = 0
+    args: PipelineArgs,
+    cluster_gpus: float,
+    nodes: Sequence[NodeShape],
+    launchable_gpus: float = 0,
+    rows: int | None = None,
+    actor_bytes: float | None = None,
 ) -> PoolSizes:
-    """The model actor pool for ``args`` on a cluster with these GPUs and these nodes' CPUs.
+    """The model actor pool for ``args`` on a cluster with these GPUs and these nodes.
 
-    Flags (``--actors``, ``--num-gpus``, ``--cpu-threads``) win; otherwise:
+    Flags (``--actors``, ``--num-gpus``, ``--cpu-threads``, ``--num-cpus``) win; otherwise:
 
     - with GPUs (now, or ``launchable_gpus`` an autoscaler can add), one model actor per GPU, from 1
-      up to every GPU;
-    - on CPU-only nodes, one model actor per node, using every core of its node as torch threads
-      (Ray would otherwise give it one thread per reserved CPU: a default of one).
-
-    Tokenizing runs in tasks on whatever CPUs are free (the fast tokenizer does about 1,700
-    IMDB-length reviews/s per core; a CPU model is far slower, a GPU needs a few cores' worth).
+      up to every GPU, each reserving one CPU;
+    - on CPU-only nodes, one single-threaded model actor per core: separate processes beat one
+      process's threads on a CPU (measured on 2 cores: BERT-base 1.18x, the tiny test model 1.5x),
+      and a 1-thread actor never spins for a core a tokenize task holds. Fewer where the node's
+      memory cannot hold a model copy per core (``actor_bytes`` each) or the job's ``rows`` make
+      fewer model calls; an actor then gets the node's spare cores as threads. Together they
+      reserve what the node has beyond one tokenize task, one read and one write (`TASK_CPUS`), so
+      those always find room.
     """
     gpus = max(cluster_gpus, launchable_gpus)
     num_gpus = args.actor_gpus(gpus)
@@ -77,13 +107,39 @@ def pool_sizes(
         min_actors = args.min_actors or 1
         max_actors = args.max_actors or fits
         reason = f"{gpus:g} GPUs in the cluster, {num_gpus:g} per model actor"
-        return PoolSizes(num_gpus, min_actors, max(min_actors, max_actors), args.cpu_threads, reason)
-    nodes = max(1, len(node_cpus))
-    min_actors = args.min_actors or 1
-    max_actors = args.max_actors or nodes
-    threads = args.cpu_threads or max(1, int(min(node_cpus, default=1)))
-    reason = f"no GPU; {nodes} node(s) with {sorted({int(c) for c in node_cpus})} CPUs, every core a torch thread"
-    return PoolSizes(0.0, min_actors, max(min_actors, max_actors), threads, reason)
+        num_cpus = 1.0 if args.num_cpus is None else args.num_cpus
+        return PoolSizes(num_gpus, min_actors, max(min_actors, max_actors), args.cpu_threads, num_cpus, reason)
+
+    nodes = list(nodes) or [NodeShape(1)]
+    cores = max(1, int(min(node.cpus for node in nodes)))
+    if args.max_actors or args.min_actors:
+        min_actors = args.min_actors or 1
+        max_actors = max(min_actors, args.max_actors or min_actors)
+        per_node = math.ceil(max_actors / len(nodes))
+        reason = f"--actors {min_actors}-{max_actors}"
+    else:
+        per_node = max(1, cores // (args.cpu_threads or 1))
+        reason = f"no GPU; {len(nodes)} node(s) with {cores} CPUs or more, one model actor per core"
+        memories = [node.memory for node in nodes if node.memory]
+        if actor_bytes and memories:
+            fit = max(1, int(ACTOR_MEMORY_SHARE * min(memories) / actor_bytes))
+            if fit < per_node:
+                per_node = fit
+                reason += f", {fit} per node by memory ({actor_bytes / 2**30:.1f} GiB each)"
+        max_actors = per_node * len(nodes)
+        # Ray Data gathers small slices into calls of rows_per_call rows or more, so a job makes at
+        # least this many calls; more actors than calls would load the model and wait.
+        calls = math.ceil(rows / (2 * args.rows_per_call)) if rows is not None else max_actors
+        if calls < max_actors:
+            max_actors = max(1, calls)
+            per_node = math.ceil(max_actors / len(nodes))
+            reason += f", {max_actors} for {rows} rows"
+        min_actors = max_actors
+    threads = args.cpu_threads or max(1, cores // per_node)
+    # Logical CPUs keep a node's tasks and actors from waiting on each other; threads use its cores.
+    shared = round(max(0.0, cores - TASK_CPUS) / per_node, 3)
+    num_cpus = shared if args.num_cpus is None else args.num_cpus
+    return PoolSizes(0.0, min_actors, max_actors, threads, num_cpus, f"{reason}, {threads} torch thread(s) each")
 
 
 def map_batches_options(args: PipelineArgs, pool: PoolSizes, actor_log: Any = None) -> dict[str, Any]:
@@ -94,22 +150,20 @@ def map_batches_options(args: PipelineArgs, pool: PoolSizes, actor_log: Any = No
         "fn_constructor_kwargs": {
             "config": args.model.for_gpu_share(pool.num_gpus),
             "actor_log": actor_log,
-            # CPU actors whose threads were not forced (--cpu-threads) may give a core to tokenizing.
-            "adapt_threads": pool.num_gpus == 0 and args.cpu_threads is None,
+            # Set in the actor, not through OMP_NUM_THREADS in a runtime_env: a runtime_env needs
+            # worker processes of its own, where Ray's already started workers could take the actors.
+            "threads": pool.cpu_threads,
         },
         "compute": ActorPoolStrategy(min_size=pool.min_actors, max_size=pool.max_actors),
         # Blocks hold rows_per_call rows (see scored_dataset), so a call is one block.
         "batch_size": args.rows_per_call,
         "batch_format": "pyarrow",
-        "num_cpus": args.num_cpus,
+        "num_cpus": pool.num_cpus,
         # One output row per input row: lets Ray Data push limits through the stage.
         "udf_modifying_row_count": False,
     }
     if pool.num_gpus > 0:
         options["num_gpus"] = pool.num_gpus
-    if pool.cpu_threads is not None:
-        # torch takes its thread count from OMP_NUM_THREADS at import; Ray would set it to num_cpus.
-        options["runtime_env"] = {"env_vars": {"OMP_NUM_THREADS": str(pool.cpu_threads)}}
     return options
 
 
@@ -118,7 +172,7 @@ def tokenize_options(args: PipelineArgs) -> dict[str, Any]:
     return {
         "batch_size": args.rows_per_call,
         "batch_format": "pyarrow",
-        "num_cpus": 1,
+        "num_cpus": TOKENIZE_CPUS,
         "udf_modifying_row_count": False,
     }
 
@@ -174,7 +228,7 @@ def scored_dataset(
         mark_texts=mark_texts,
     )
     ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-        read, batch_size=1, batch_format="pyarrow"
+        read, batch_size=1, batch_format="pyarrow", num_cpus=IO_CPUS
     )
     # Blocks of one slice's size: Ray Data merges what a read task yields into big blocks, and a
     # big block would go through each stage whole, holding back every row's output until its end
@@ -186,6 +240,7 @@ def scored_dataset(
             partial(restore_texts, text_column=output_name(text, plan.labels)),
             batch_format="pyarrow",
             batch_size=None,
+            num_cpus=IO_CPUS,
             udf_modifying_row_count=False,
         )
     return ds.select_columns([*plan.output_columns, SLICE_COLUMN])

@@ -22,7 +22,7 @@ from pipelines.schema import output_name, prediction_columns
 from sentiment.config import ModelConfig
 from sentiment.errors import InvalidInputError
 from sentiment.labels import resolve_labels
-from sentiment.loading import load_model_config
+from sentiment.loading import load_model_config, parameter_count
 
 SLICE_COLUMN = "__slice"
 """The row's slice id (``<file index>-<slice number>``); the write partitions by it, and no output file holds it."""
@@ -30,6 +30,8 @@ TEXT_ERROR = "__text_error"
 TEXT_RAW = "__text_raw"
 RESERVED_COLUMNS = (SLICE_COLUMN, TEXT_ERROR, TEXT_RAW)
 STAGING_SUFFIX = ".staging"
+# A CPU model actor's process before its weights: Python, torch, transformers, Ray's worker (measured 0.4 GiB).
+PROCESS_BYTES = 2**29
 
 
 @dataclass(frozen=True)
@@ -184,3 +186,14 @@ def checkpoint_labels(config: ModelConfig) -> list[str]:
     """The model's label names, from its config.json alone (no weights), so a bad ``--model`` fails early."""
     model_config = load_model_config(config)
     return resolve_labels(model_config.id2label, model_config.num_labels, config.labels)
+
+
+def actor_bytes(config: ModelConfig) -> float | None:
+    """Memory one CPU model actor needs: its model copy, from the checkpoint's config.json, and its process.
+
+    None where the config does not say (not a BERT-shaped encoder): the pool is then not capped by memory.
+    """
+    parameters = parameter_count(load_model_config(config))
+    if parameters is None:
+        return None
+    return parameters * (2 if config.dtype in ("bf16", "fp16") else 4) + PROCESS_BYTES

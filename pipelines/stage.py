@@ -33,11 +33,7 @@ WINDOWS = "__windows"
 NUM_TOKENS = "__num_tokens"
 TRUNCATED = "__truncated"
 ROW_ERROR = "__row_error"
-TOKENIZE_SECONDS = "__tokenize_seconds"
-"""Seconds the tokenize stage spent per row of the batch (its batch's time over its rows)."""
-STAGE_COLUMNS = (WINDOWS, NUM_TOKENS, TRUNCATED, ROW_ERROR, TOKENIZE_SECONDS)
-# Rows of the second batch a CPU model actor times at two thread counts to choose between them.
-THREAD_SAMPLE_ROWS = 32
+STAGE_COLUMNS = (WINDOWS, NUM_TOKENS, TRUNCATED, ROW_ERROR)
 
 
 class ActorLog:
@@ -89,7 +85,6 @@ class TokenizeStage:
     def __call__(self, batch: pa.Table) -> pa.Table:
         if self.column not in batch.column_names:
             raise InvalidInputError(f"text column {self.column!r} not found; columns are {batch.column_names}")
-        started = time.perf_counter()
         texts = batch.column(self.column).to_pylist()
         errors = [text_error(text) for text in texts]
         valid = [index for index, error in enumerate(errors) if error is None]
@@ -104,25 +99,18 @@ class TokenizeStage:
             .append_column(NUM_TOKENS, pa.array([e.num_tokens if e else None for e in encoded], pa.int64()))
             .append_column(TRUNCATED, pa.array([e.truncated if e else None for e in encoded], pa.bool_()))
             .append_column(ROW_ERROR, pa.array(errors, pa.string()))
-            .append_column(
-                TOKENIZE_SECONDS,
-                pa.array([(time.perf_counter() - started) / max(1, batch.num_rows)] * batch.num_rows, pa.float64()),
-            )
         )
 
 
 class ModelStage:
     """Token windows to predictions: one `SentimentClassifier` per actor, on the device Ray reserved for it."""
 
-    def __init__(self, config: ModelConfig, actor_log: Any = None, adapt_threads: bool = False) -> None:
-        """``adapt_threads``: a CPU actor whose thread count was not forced may give one core back to
-        tokenizing (`choose_threads`), timed on its second batch."""
+    def __init__(self, config: ModelConfig, actor_log: Any = None, threads: int | None = None) -> None:
+        """``threads``: torch threads (CPU actors); None: as many as Ray's OMP_NUM_THREADS, at most the cores."""
         import ray
         import torch
 
-        limit_threads_to_cores()
-        self.adapt_threads = adapt_threads and torch.get_num_threads() >= 2
-        self.calls = 0
+        limit_threads_to_cores(threads)
         self.classifier = SentimentClassifier(config, reserved_gpus=ray.get_gpu_ids())
         self.actor_log = actor_log
         self.key = f"{ray.get_runtime_context().get_actor_id()}"
@@ -144,11 +132,6 @@ class ModelStage:
         errors: list[str | None] = batch.column(ROW_ERROR).to_pylist()
         valid = [index for index, error in enumerate(errors) if error is None]
         encoded = [EncodedText(windows[i], num_tokens[i], truncated[i]) for i in valid]
-        self.calls += 1
-        if self.adapt_threads and self.calls == 2 and len(encoded) >= THREAD_SAMPLE_ROWS:
-            self.adapt_threads = False
-            tokenize_per_row = sum(batch.column(TOKENIZE_SECONDS).to_pylist()) / max(1, batch.num_rows)
-            self._choose_threads(encoded[:THREAD_SAMPLE_ROWS], tokenize_per_row)
         try:
             scored: list[Prediction | None] = list(self.classifier.predict_encoded(encoded))
         except DeviceMemoryError as exc:
@@ -163,45 +146,16 @@ class ModelStage:
         self._report()
         return with_predictions(batch.drop_columns(list(STAGE_COLUMNS)), predictions, errors, self.classifier.labels)
 
-    def _choose_threads(self, sample: list[EncodedText], tokenize_per_row: float) -> None:
-        """Time ``sample`` at every core and at one fewer, then keep what `choose_threads` says."""
-        import torch
-
-        cores = torch.get_num_threads()
-        counters = (self.classifier.tokens_run, self.classifier.tokens_padded)
-        seconds = {}
-        for threads in (cores, cores - 1):
-            torch.set_num_threads(threads)
-            started = time.perf_counter()
-            self.classifier.predict_encoded(sample)
-            seconds[threads] = (time.perf_counter() - started) / len(sample)
-        # The timing runs are not the job's work: the report counts each row's tokens once.
-        self.classifier.tokens_run, self.classifier.tokens_padded = counters
-        torch.set_num_threads(choose_threads(cores, seconds[cores], seconds[cores - 1], tokenize_per_row))
-
     def _report(self) -> None:
         if self.actor_log is None:
             return
         import ray
-        import torch
 
         counts = {
             "rows": self.rows,
             "tokens_run": self.classifier.tokens_run,
             "tokens_padded": self.classifier.tokens_padded,
             "seconds": time.perf_counter() - self.started,
-            "torch_threads": torch.get_num_threads(),
         }
         # Waited for, so the log holds every batch's counts once the dataset has finished.
         ray.get(self.actor_log.progress.remote(self.key, counts))
-
-
-def choose_threads(cores: int, forward_all: float, forward_fewer: float, tokenize: float) -> int:
-    """Torch threads for a CPU model actor that shares its node with the tokenize tasks (seconds per row).
-
-    With every core, tokenizing takes cores from the forward passes, so a row costs about
-    ``forward_all + tokenize``; with one core fewer, tokenizing runs beside the model and a row costs
-    ``max(forward_fewer, tokenize)``. A big model (forward far above tokenize) keeps every core; a
-    small one, whose forward pass barely gains from the last core, gives it to tokenizing.
-    """
-    return cores - 1 if cores > 1 and max(forward_fewer, tokenize) < forward_all + tokenize else cores

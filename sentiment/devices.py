@@ -119,8 +119,9 @@ def gpu_memory_fraction(configured: float | None, num_gpus: float) -> float | No
     return num_gpus if 0 < num_gpus < 1 else None
 
 
-def limit_threads_to_cores() -> int:
-    """Cap torch's intra-op threads at the CPUs this process may use, and return the count.
+def limit_threads_to_cores(wanted: int | None = None) -> int:
+    """Set torch's intra-op threads to ``wanted`` (default: what torch has), capped at the CPUs this
+    process may use; return the count.
 
     Ray sets ``OMP_NUM_THREADS`` from an actor's logical CPUs, which a test or an operator may set
     above the real cores; more threads than cores only makes a forward pass slower.
@@ -129,6 +130,6 @@ def limit_threads_to_cores() -> int:
 
     # The CPUs this process may run on (container limits set through affinity included).
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    threads = max(1, min(torch.get_num_threads(), cpus))
+    threads = max(1, min(wanted or torch.get_num_threads(), cpus))
     torch.set_num_threads(threads)
     return threads

@@ -123,6 +123,24 @@ def load_model_config(config: ModelConfig) -> Any:
         raise _failure(config, exc) from exc
 
 
+def parameter_count(model_config: Any) -> int | None:
+    """About how many parameters a BERT-shaped encoder has, from its ``config.json`` alone; None for other shapes.
+
+    Embeddings, then per layer the attention's four projections and the feed-forward pair (biases and
+    layer norms are a rounding error), then the pooler.
+    """
+    try:
+        hidden = int(model_config.hidden_size)
+        layers = int(model_config.num_hidden_layers)
+        vocab = int(model_config.vocab_size)
+        inner = int(getattr(model_config, "intermediate_size", None) or 4 * hidden)
+        positions = int(getattr(model_config, "max_position_embeddings", None) or 0)
+        types = int(getattr(model_config, "type_vocab_size", None) or 0)
+    except (AttributeError, TypeError, ValueError):
+        return None
+    return (vocab + positions + types) * hidden + layers * (4 * hidden * hidden + 2 * hidden * inner) + hidden * hidden
+
+
 def load_tokenizer(config: ModelConfig) -> Any:
     """The checkpoint's fast tokenizer; a checkpoint without one (no tokenizer.json) is refused."""
     from transformers import AutoTokenizer

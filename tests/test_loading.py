@@ -115,3 +115,29 @@ def test_fetch_finds_a_hub_checkpoint_in_the_cache_offline_and_names_model_and_f
     assert last.startswith("could not load model 'someone/not-downloaded': LocalEntryNotFoundError")
     assert "--local-dir" in last
     assert "HF_HUB_OFFLINE=1" in last
+
+
+def test_parameter_count_from_the_config_alone_is_close_to_the_model(tiny_checkpoint: Path) -> None:
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    from pipelines.plan import PROCESS_BYTES, actor_bytes
+    from sentiment.loading import parameter_count
+
+    large = AutoConfig.for_model(
+        "bert", hidden_size=1024, num_hidden_layers=24, intermediate_size=4096, num_attention_heads=16
+    )
+    for config in (AutoConfig.from_pretrained(tiny_checkpoint), large):
+        exact = sum(p.numel() for p in AutoModelForSequenceClassification.from_config(config).parameters())
+        estimate = parameter_count(config)
+        assert estimate is not None
+        assert abs(estimate - exact) / exact < 0.02, (estimate, exact)
+    # BERT-large: 335 M parameters, 1.25 GiB in fp32.
+    estimate = parameter_count(large)
+    assert estimate is not None
+    assert 1.2 * 2**30 < estimate * 4 < 1.3 * 2**30
+    tiny = ModelConfig(model_id=str(tiny_checkpoint))
+    tiny_parameters = parameter_count(AutoConfig.from_pretrained(tiny_checkpoint))
+    assert tiny_parameters is not None
+    assert actor_bytes(tiny) == tiny_parameters * 4 + PROCESS_BYTES
+    assert actor_bytes(tiny.model_copy(update={"dtype": "bf16"})) == tiny_parameters * 2 + PROCESS_BYTES
+    assert parameter_count(object()) is None  # not BERT-shaped: the pool is not capped by memory

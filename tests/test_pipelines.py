@@ -38,6 +38,7 @@ from pipelines.batch import (
     run,
     with_labels,
 )
+from pipelines.dataset import TASK_CPUS, NodeShape
 from ray_sentiment.cli import main
 from sentiment.config import ModelConfig
 from sentiment.errors import InvalidInputError
@@ -317,7 +318,7 @@ def test_map_batches_runs_the_shared_class_on_an_actor_pool(tiny_checkpoint: Pat
         rows_per_call=128,
         cpu_threads=2,
     )
-    options = map_batches_options(args, pool_sizes(args, cluster_gpus=0, node_cpus=[4]), actor_log=None)
+    options = map_batches_options(args, pool_sizes(args, cluster_gpus=0, nodes=[NodeShape(4)]), actor_log=None)
     compute = options.pop("compute")
     assert isinstance(compute, ActorPoolStrategy)
     assert (compute.min_size, compute.max_size) == (2, 8)
@@ -325,31 +326,52 @@ def test_map_batches_runs_the_shared_class_on_an_actor_pool(tiny_checkpoint: Pat
         "fn_constructor_kwargs": {
             "config": args.model.model_copy(update={"gpu_memory_fraction": 0.25}),
             "actor_log": None,
-            "adapt_threads": False,  # a GPU actor
+            "threads": 2,
         },
         "batch_size": 128,  # map_batches' own name for rows per call
         "batch_format": "pyarrow",
-        "num_cpus": 1,
+        "num_cpus": 1.0,  # a GPU actor
         "num_gpus": 0.25,
         "udf_modifying_row_count": False,
-        "runtime_env": {"env_vars": {"OMP_NUM_THREADS": "2"}},
     }
 
 
-def test_default_pools_use_every_core_on_cpus_and_one_actor_per_gpu() -> None:
+GIB = 2**30
+
+
+def test_default_pools_put_an_actor_on_every_core_and_one_on_every_gpu() -> None:
     args = PipelineArgs(model=ABSENT_MODEL, input="in", output="out")
-    on_cpus = pool_sizes(args, cluster_gpus=0, node_cpus=[2])
-    assert (on_cpus.num_gpus, on_cpus.min_actors, on_cpus.max_actors, on_cpus.cpu_threads) == (0.0, 1, 1, 2)
-    # Three CPU nodes: an actor each, with as many threads as the smallest node has cores.
-    assert (pool_sizes(args, 0, [16, 16, 8]).max_actors, pool_sizes(args, 0, [16, 16, 8]).cpu_threads) == (3, 8)
-    on_gpus = pool_sizes(args, cluster_gpus=4, node_cpus=[8, 32, 32])
+    on_cpus = pool_sizes(args, cluster_gpus=0, nodes=[NodeShape(2, 16 * GIB)], rows=40_000, actor_bytes=0.6 * GIB)
+    assert (on_cpus.num_gpus, on_cpus.min_actors, on_cpus.max_actors, on_cpus.cpu_threads) == (0.0, 2, 2, 1)
+    # The actors leave one tokenize task, one read and one write their logical CPUs.
+    assert on_cpus.num_cpus * 2 + TASK_CPUS == 2
+    # A job of one call (rows_per_call 1024): one actor, with every core.
+    small = pool_sizes(args, 0, [NodeShape(2, 16 * GIB)], rows=300, actor_bytes=0.6 * GIB)
+    assert (small.max_actors, small.cpu_threads, small.num_cpus) == (1, 2, 0.5)
+    # Three CPU nodes: an actor per core of the smallest, on each.
+    three = pool_sizes(args, 0, [NodeShape(16), NodeShape(16), NodeShape(8)], rows=10**6)
+    assert (three.min_actors, three.max_actors, three.cpu_threads) == (24, 24, 1)
+    # BERT-large in fp32 (1.8 GiB with its process) on 16 cores and 16 GiB: 7 copies, 2 threads each.
+    large = pool_sizes(args, 0, [NodeShape(16, 16 * GIB)], rows=10**6, actor_bytes=1.8 * GIB)
+    assert (large.max_actors, large.cpu_threads) == (7, 2)
+    assert "7 per node by memory" in large.reason
+    on_gpus = pool_sizes(args, cluster_gpus=4, nodes=[NodeShape(8), NodeShape(32), NodeShape(32)])
     assert (on_gpus.num_gpus, on_gpus.min_actors, on_gpus.max_actors, on_gpus.cpu_threads) == (1.0, 1, 4, None)
+    assert on_gpus.num_cpus == 1.0
     # GPU nodes that start at zero: sized by what the autoscaler can add.
-    from_zero = pool_sizes(args.model_copy(update={"num_gpus": 1.0}), 0, [8], launchable_gpus=4)
+    from_zero = pool_sizes(args.model_copy(update={"num_gpus": 1.0}), 0, [NodeShape(8)], launchable_gpus=4)
     assert (from_zero.min_actors, from_zero.max_actors) == (1, 4)
     # Flags win.
-    fixed = pool_sizes(args.model_copy(update={"min_actors": 2, "max_actors": 2, "cpu_threads": 3}), 0, [16])
-    assert (fixed.min_actors, fixed.max_actors, fixed.cpu_threads) == (2, 2, 3)
+    fixed = pool_sizes(
+        args.model_copy(update={"min_actors": 2, "max_actors": 2, "cpu_threads": 3, "num_cpus": 1.5}),
+        0,
+        [NodeShape(16)],
+        rows=1,
+    )
+    assert (fixed.min_actors, fixed.max_actors, fixed.cpu_threads, fixed.num_cpus) == (2, 2, 3, 1.5)
+    # --actors alone: the node's cores shared among them.
+    two = pool_sizes(args.model_copy(update={"max_actors": 4}), 0, [NodeShape(16)])
+    assert (two.min_actors, two.max_actors, two.cpu_threads) == (1, 4, 4)
 
 
 def test_output_file_bytes_is_refused_with_what_replaced_it() -> None:

@@ -6,6 +6,7 @@ asks Ray which GPUs it reserved: none, in the driver, so it runs on the CPU).
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -98,20 +99,12 @@ def test_the_actor_log_sums_what_the_model_actors_report() -> None:
     assert log.entries()[0] == {"device": "cpu", "rows": 30, "tokens_run": 300, "tokens_padded": 330}
 
 
-@pytest.mark.parametrize(
-    ("cores", "forward_all", "forward_fewer", "tokenize", "threads"),
-    [
-        # Measured here per 1,024 IMDB-like rows: tiny model 0.9 s on 2 threads, 1.2 s on 1; tokenizing 0.42 s.
-        (2, 0.9, 1.2, 0.42, 1),
-        # BERT-base: about 100 s on 2 threads, 160 s on 1; tokenizing is a rounding error.
-        (2, 100.0, 160.0, 0.42, 2),
-        (16, 1.0, 1.07, 0.1, 15),
-        (1, 1.0, 1.0, 5.0, 1),
-    ],
-)
-def test_a_cpu_actor_gives_a_core_to_tokenizing_only_when_that_pays(
-    cores: int, forward_all: float, forward_fewer: float, tokenize: float, threads: int
-) -> None:
-    from pipelines.stage import choose_threads
-
-    assert choose_threads(cores, forward_all, forward_fewer, tokenize) == threads
+def test_a_model_actor_runs_the_threads_its_pool_gave_it(ray_session: Any, tiny_checkpoint: Path) -> None:
+    before = torch.get_num_threads()
+    try:
+        ModelStage(ModelConfig(model_id=str(tiny_checkpoint), device="cpu"), threads=1)
+        assert torch.get_num_threads() == 1
+        ModelStage(ModelConfig(model_id=str(tiny_checkpoint), device="cpu"), threads=10_000)
+        assert torch.get_num_threads() == len(os.sched_getaffinity(0))  # never more than the cores
+    finally:
+        torch.set_num_threads(before)
