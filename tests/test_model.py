@@ -326,3 +326,21 @@ def test_only_an_input_that_does_not_fit_alone_fails_and_the_others_are_answered
     np.testing.assert_allclose(
         score_rows([p for p in partial if p]), score_rows([want[0], want[2], want[3]]), atol=1e-5
     )
+
+
+def test_the_encoder_reads_the_same_ids_as_the_tokenizer_call(classifier: SentimentClassifier) -> None:
+    # The encoder calls the Rust tokenizer's encode_batch_fast directly; a user's tokenizer(texts) is the reference.
+    texts = [
+        "A good film.",
+        "Ünïcödé ÀCCENTS, CAPITALS and punctuation!!! ... (really?)",
+        "emoji 🎬🍿 and CJK 映画 and tabs\tand\nnewlines",
+        "a literal [SEP] and [CLS] inside the text",
+        " ".join(WORDS[i % len(WORDS)] for i in range(700)),
+    ]
+    tokenizer = classifier.tokenizer
+    reference = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    assert classifier.encoder._token_ids(texts) == reference
+    # A call with truncation and padding leaves them set on the Rust tokenizer; the encoder resets them.
+    tokenizer(texts, truncation=True, max_length=8, padding="max_length")
+    assert classifier.encoder._token_ids(texts) == reference
+    assert [e.num_tokens for e in classifier.encode(texts)] == [len(ids) + 2 for ids in reference]
