@@ -72,6 +72,9 @@ def tokenize(batch: pa.Table, *, config: ModelConfig) -> pa.Table:
 
 @functools.cache
 def _tokenize_stage(config_json: str) -> TokenizeStage:
+    # A tokenize task reserves one CPU, so its Rust tokenizer uses one thread, not every core of
+    # the node (where the model actors run). Read by the tokenizers library when it first encodes.
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     return TokenizeStage(ModelConfig.model_validate_json(config_json))
 
 
