@@ -28,7 +28,7 @@ from typing import Any
 
 from pipelines import files
 from pipelines.args import PipelineArgs
-from pipelines.dataset import IO_CPUS, NodeShape, PoolSizes, map_batches_options, pool_sizes, scored_dataset
+from pipelines.dataset import NodeShape, PoolSizes, map_batches_options, pool_sizes, scored_dataset
 from pipelines.plan import SLICE_COLUMN, STAGING_SUFFIX, actor_bytes, checkpoint_labels, plan_inputs, with_labels
 from pipelines.report import BatchResult, Progress, format_summary, now, run_report
 from pipelines.staging import (
@@ -138,7 +138,6 @@ def run(args: PipelineArgs, progress_interval_s: float = 10.0) -> BatchResult:
                     staging.path,
                     filesystem=staging.filesystem,
                     partition_cols=[SLICE_COLUMN],
-                    ray_remote_args={"num_cpus": IO_CPUS},
                 )
             seconds = time.perf_counter() - started
             resolved = {"pool": pool.to_dict(), "num_gpus_per_actor": pool.num_gpus}

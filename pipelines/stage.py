@@ -1,10 +1,12 @@
 """The batch job's two Ray Data stages around the shared core, as ``ray.data.llm`` splits its processors.
 
 - `TokenizeStage` (CPU tasks, `tokenize`): texts -> model-ready token windows (the long-text strategy applied)
-  and each row's error, decided once by `sentiment.encoding.text_error`. Many of them run in
-  parallel across cores and nodes, overlapping the forward passes.
-- `ModelStage` (one actor per GPU, or CPU actors): the windows -> predictions with the shared
-  `SentimentClassifier`, then the output columns (`pipelines.schema`). It only runs forward passes.
+  and each row's error, decided once by `sentiment.encoding.text_error`. Beside GPU model actors,
+  many of them run in parallel across cores and nodes, overlapping the forward passes.
+- `ModelStage` (one actor per GPU, or one per CPU core): the windows -> predictions with the shared
+  `SentimentClassifier`, then the output columns (`pipelines.schema`). A GPU actor only runs
+  forward passes; a CPU actor runs `TokenizeStage` on its own slice first (``tokenize=True``),
+  since on a CPU both would share the same cores anyway.
 
 Each actor learns in its constructor which GPUs Ray gave it (``ray.get_gpu_ids()``): with none it
 runs on the CPU even where CUDA is visible, since Ray 2.60 no longer hides GPUs from workers that
@@ -81,8 +83,8 @@ def _tokenize_stage(config_json: str) -> TokenizeStage:
 class TokenizeStage:
     """Texts to token windows: appends `STAGE_COLUMNS` to a pyarrow column batch."""
 
-    def __init__(self, config: ModelConfig) -> None:
-        self.encoder = TextEncoder(config)
+    def __init__(self, config: ModelConfig, encoder: TextEncoder | None = None) -> None:
+        self.encoder = encoder or TextEncoder(config)
         self.column = config.text_column
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -108,13 +110,20 @@ class TokenizeStage:
 class ModelStage:
     """Token windows to predictions: one `SentimentClassifier` per actor, on the device Ray reserved for it."""
 
-    def __init__(self, config: ModelConfig, actor_log: Any = None, threads: int | None = None) -> None:
-        """``threads``: torch threads (CPU actors); None: as many as Ray's OMP_NUM_THREADS, at most the cores."""
+    def __init__(
+        self, config: ModelConfig, actor_log: Any = None, threads: int | None = None, tokenize: bool = False
+    ) -> None:
+        """``threads``: torch threads (CPU actors); None: as many as Ray's OMP_NUM_THREADS, at most the cores.
+        ``tokenize``: take text batches and run `TokenizeStage` first, with the classifier's own tokenizer."""
         import ray
         import torch
 
-        limit_threads_to_cores(threads)
+        threads = limit_threads_to_cores(threads)
+        if tokenize:
+            # The Rust tokenizer's threads: as many as torch's, read when it first encodes.
+            os.environ.setdefault("RAYON_NUM_THREADS", str(threads))
         self.classifier = SentimentClassifier(config, reserved_gpus=ray.get_gpu_ids())
+        self.tokenize = TokenizeStage(config, self.classifier.encoder) if tokenize else None
         self.actor_log = actor_log
         self.key = f"{ray.get_runtime_context().get_actor_id()}"
         self.rows = 0
@@ -129,6 +138,8 @@ class ModelStage:
             ray.get(actor_log.add.remote(self.key, entry))
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        if self.tokenize is not None:
+            batch = self.tokenize(batch)
         windows = batch.column(WINDOWS).to_pylist()
         num_tokens = batch.column(NUM_TOKENS).to_pylist()
         truncated = batch.column(TRUNCATED).to_pylist()

@@ -327,6 +327,7 @@ def test_map_batches_runs_the_shared_class_on_an_actor_pool(tiny_checkpoint: Pat
             "config": args.model.model_copy(update={"gpu_memory_fraction": 0.25}),
             "actor_log": None,
             "threads": 2,
+            "tokenize": False,  # GPU actors get token windows from the tokenize tasks
         },
         "batch_size": 128,  # map_batches' own name for rows per call
         "batch_format": "pyarrow",
@@ -343,11 +344,11 @@ def test_default_pools_put_an_actor_on_every_core_and_one_on_every_gpu() -> None
     args = PipelineArgs(model=ABSENT_MODEL, input="in", output="out")
     on_cpus = pool_sizes(args, cluster_gpus=0, nodes=[NodeShape(2, 16 * GIB)], rows=40_000, actor_bytes=0.6 * GIB)
     assert (on_cpus.num_gpus, on_cpus.min_actors, on_cpus.max_actors, on_cpus.cpu_threads) == (0.0, 2, 2, 1)
-    # The actors leave one tokenize task, one read and one write their logical CPUs.
+    # The actors leave one logical CPU to Ray Data's reads and writes.
     assert on_cpus.num_cpus * 2 + TASK_CPUS == 2
     # A job of one call (rows_per_call 1024): one actor, with every core.
     small = pool_sizes(args, 0, [NodeShape(2, 16 * GIB)], rows=300, actor_bytes=0.6 * GIB)
-    assert (small.max_actors, small.cpu_threads, small.num_cpus) == (1, 2, 0.5)
+    assert (small.max_actors, small.cpu_threads, small.num_cpus) == (1, 2, 1.0)
     # Three CPU nodes: an actor per core of the smallest, on each.
     three = pool_sizes(args, 0, [NodeShape(16), NodeShape(16), NodeShape(8)], rows=10**6)
     assert (three.min_actors, three.max_actors, three.cpu_threads) == (24, 24, 1)
@@ -590,3 +591,21 @@ def test_resuming_with_another_rows_per_call_is_refused_naming_the_one_to_give(
     refusal = r"its 'rows_per_call' differs .* pass --rows-per-call 4 or --overwrite"
     with pytest.raises(InvalidInputError, match=refusal):
         run(args.model_copy(update={"resume": True, "rows_per_call": 8}))
+
+
+def test_gpu_actors_get_windows_from_tokenize_tasks_and_cpu_actors_tokenize_their_own(ray_session: Any) -> None:
+    import ray
+
+    from pipelines.dataset import build_pipeline
+
+    def stages(num_gpus: float) -> list[str]:
+        args = PipelineArgs(model=ABSENT_MODEL, input="in", output="out", num_gpus=num_gpus)
+        pool = pool_sizes(args, cluster_gpus=num_gpus, nodes=[NodeShape(8)], rows=4096)
+        names, op = [], build_pipeline(ray.data.from_items([{"text": "x"}]), args, pool)._logical_plan.dag
+        while op.input_dependencies:
+            names.append(op.name)
+            (op,) = op.input_dependencies
+        return names[::-1]
+
+    assert stages(1) == ["MapBatches(tokenize)", "MapBatches(ModelStage)"]
+    assert stages(0) == ["MapBatches(ModelStage)"]

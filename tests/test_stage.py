@@ -108,3 +108,16 @@ def test_a_model_actor_runs_the_threads_its_pool_gave_it(ray_session: Any, tiny_
         assert torch.get_num_threads() == len(os.sched_getaffinity(0))  # never more than the cores
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_cpu_model_actor_tokenizes_its_own_slice_as_the_tokenize_stage_would(
+    stages: tuple[TokenizeStage, ModelStage], tiny_checkpoint: Path
+) -> None:
+    config = ModelConfig(model_id=str(tiny_checkpoint), device="cpu", max_length=64)
+    table = pa.table({"id": [1, 2, 3], "text": pa.array(["good film", None, "bad film " * 40], pa.string())})
+    before = torch.get_num_threads()
+    try:
+        fused = ModelStage(config, tokenize=True)(table)
+    finally:
+        torch.set_num_threads(before)
+    assert fused.equals(score(stages, table))
