@@ -65,16 +65,16 @@ class PipelineArgs(BaseModel):
         None,
         ge=0,
         description=(
-            "Logical CPUs each model actor reserves from Ray. None: 1 for a GPU actor; CPU actors share what "
-            "their node has beyond one tokenize task, one read and one write."
+            "Logical CPUs each model actor reserves from Ray. None: 1 for a GPU actor; CPU actors share all "
+            "of their node's CPUs but one, where Ray Data's reads and writes run."
         ),
     )
     cpu_threads: int | None = Field(
         None,
         ge=1,
         description=(
-            "Threads each CPU model actor's forward pass uses (its OMP_NUM_THREADS). None: one per actor when "
-            "there is an actor per core, else the node's cores shared among its actors."
+            "Torch threads of each CPU model actor. None: one, with an actor per core; the node's cores shared "
+            "among its actors where there are fewer (memory, or a short job)."
         ),
     )
     rows_per_call: int = Field(

@@ -28,7 +28,7 @@ from typing import Any
 
 from pipelines import files
 from pipelines.args import PipelineArgs
-from pipelines.dataset import NodeShape, PoolSizes, map_batches_options, pool_sizes, scored_dataset
+from pipelines.dataset import NodeShape, PoolSizes, map_batches_options, model_calls, pool_sizes, scored_dataset
 from pipelines.plan import SLICE_COLUMN, STAGING_SUFFIX, actor_bytes, checkpoint_labels, plan_inputs, with_labels
 from pipelines.report import BatchResult, Progress, format_summary, now, run_report
 from pipelines.staging import (
@@ -122,7 +122,7 @@ def run(args: PipelineArgs, progress_interval_s: float = 10.0) -> BatchResult:
             ray.cluster_resources().get("GPU", 0.0),
             _nodes(),
             _launchable_gpus(),
-            rows=sum(piece.rows for piece in pending),
+            calls=model_calls([piece.rows for piece in pending], args.rows_per_call),
             actor_bytes=actor_bytes(args.model),
         )
         logger.info("model actors: %s", pool.to_dict())

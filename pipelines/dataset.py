@@ -82,7 +82,7 @@ def pool_sizes(
     cluster_gpus: float,
     nodes: Sequence[NodeShape],
     launchable_gpus: float = 0,
-    rows: int | None = None,
+    calls: int | None = None,
     actor_bytes: float | None = None,
 ) -> PoolSizes:
     """The model actor pool for ``args`` on a cluster with these GPUs and these nodes.
@@ -94,8 +94,8 @@ def pool_sizes(
     - on CPU-only nodes, one single-threaded model actor per core, each tokenizing its own slices:
       separate processes beat one process's threads on a CPU (measured on 2 cores: BERT-base 1.18x,
       the tiny test model 1.4x). Fewer where the node's memory cannot hold a model copy per core
-      (``actor_bytes`` each) or the job's ``rows`` make fewer model calls; an actor then gets the
-      node's spare cores as threads. Together they reserve what the node has beyond one CPU
+      (``actor_bytes`` each) or the job makes fewer model ``calls`` (`model_calls`); an actor then
+      gets the node's spare cores as threads. Together they reserve what the node has beyond one CPU
       (`TASK_CPUS`), where the reads and writes run.
     """
     gpus = max(cluster_gpus, launchable_gpus)
@@ -125,19 +125,31 @@ def pool_sizes(
                 per_node = fit
                 reason += f", {fit} per node by memory ({actor_bytes / 2**30:.1f} GiB each)"
         max_actors = per_node * len(nodes)
-        # Ray Data gathers small slices into calls of rows_per_call rows or more, so a job makes at
-        # least this many calls; more actors than calls would load the model and wait.
-        calls = math.ceil(rows / (2 * args.rows_per_call)) if rows is not None else max_actors
-        if calls < max_actors:
+        if calls is not None and calls < max_actors:
+            # More actors than calls would only load the model and wait.
             max_actors = max(1, calls)
             per_node = math.ceil(max_actors / len(nodes))
-            reason += f", {max_actors} for {rows} rows"
+            reason += f", {max_actors} for {calls} model call(s)"
         min_actors = max_actors
     threads = args.cpu_threads or max(1, cores // per_node)
     # Logical CPUs keep a node's tasks and actors from waiting on each other; threads use its cores.
     shared = round(max(0.0, cores - TASK_CPUS) / per_node, 3)
     num_cpus = shared if args.num_cpus is None else args.num_cpus
     return PoolSizes(0.0, min_actors, max_actors, threads, num_cpus, f"{reason}, {threads} torch thread(s) each")
+
+
+def model_calls(slice_rows: Sequence[int], rows_per_call: int) -> int:
+    """How many calls the model stage gets for slices of these sizes, in order.
+
+    Ray Data gathers blocks for a ``map_batches`` call until they hold ``rows_per_call`` rows, so
+    small slices (small files, row groups) share a call.
+    """
+    calls, gathered = 0, 0
+    for rows in slice_rows:
+        gathered += rows
+        if gathered >= rows_per_call:
+            calls, gathered = calls + 1, 0
+    return calls + (gathered > 0)
 
 
 def map_batches_options(args: PipelineArgs, pool: PoolSizes, actor_log: Any = None) -> dict[str, Any]:

@@ -342,18 +342,18 @@ GIB = 2**30
 
 def test_default_pools_put_an_actor_on_every_core_and_one_on_every_gpu() -> None:
     args = PipelineArgs(model=ABSENT_MODEL, input="in", output="out")
-    on_cpus = pool_sizes(args, cluster_gpus=0, nodes=[NodeShape(2, 16 * GIB)], rows=40_000, actor_bytes=0.6 * GIB)
+    on_cpus = pool_sizes(args, cluster_gpus=0, nodes=[NodeShape(2, 16 * GIB)], calls=40, actor_bytes=0.6 * GIB)
     assert (on_cpus.num_gpus, on_cpus.min_actors, on_cpus.max_actors, on_cpus.cpu_threads) == (0.0, 2, 2, 1)
     # The actors leave one logical CPU to Ray Data's reads and writes.
     assert on_cpus.num_cpus * 2 + TASK_CPUS == 2
-    # A job of one call (rows_per_call 1024): one actor, with every core.
-    small = pool_sizes(args, 0, [NodeShape(2, 16 * GIB)], rows=300, actor_bytes=0.6 * GIB)
+    # A job of one model call: one actor, with every core.
+    small = pool_sizes(args, 0, [NodeShape(2, 16 * GIB)], calls=1, actor_bytes=0.6 * GIB)
     assert (small.max_actors, small.cpu_threads, small.num_cpus) == (1, 2, 1.0)
     # Three CPU nodes: an actor per core of the smallest, on each.
-    three = pool_sizes(args, 0, [NodeShape(16), NodeShape(16), NodeShape(8)], rows=10**6)
+    three = pool_sizes(args, 0, [NodeShape(16), NodeShape(16), NodeShape(8)], calls=1000)
     assert (three.min_actors, three.max_actors, three.cpu_threads) == (24, 24, 1)
     # BERT-large in fp32 (1.8 GiB with its process) on 16 cores and 16 GiB: 7 copies, 2 threads each.
-    large = pool_sizes(args, 0, [NodeShape(16, 16 * GIB)], rows=10**6, actor_bytes=1.8 * GIB)
+    large = pool_sizes(args, 0, [NodeShape(16, 16 * GIB)], calls=1000, actor_bytes=1.8 * GIB)
     assert (large.max_actors, large.cpu_threads) == (7, 2)
     assert "7 per node by memory" in large.reason
     on_gpus = pool_sizes(args, cluster_gpus=4, nodes=[NodeShape(8), NodeShape(32), NodeShape(32)])
@@ -367,7 +367,7 @@ def test_default_pools_put_an_actor_on_every_core_and_one_on_every_gpu() -> None
         args.model_copy(update={"min_actors": 2, "max_actors": 2, "cpu_threads": 3, "num_cpus": 1.5}),
         0,
         [NodeShape(16)],
-        rows=1,
+        calls=1,
     )
     assert (fixed.min_actors, fixed.max_actors, fixed.cpu_threads, fixed.num_cpus) == (2, 2, 3, 1.5)
     # --actors alone: the node's cores shared among them.
@@ -593,6 +593,15 @@ def test_resuming_with_another_rows_per_call_is_refused_naming_the_one_to_give(
         run(args.model_copy(update={"resume": True, "rows_per_call": 8}))
 
 
+def test_small_slices_share_a_model_call() -> None:
+    from pipelines.dataset import model_calls
+
+    assert model_calls([1024] * 39 + [64], 1024) == 40  # one 40,000-row file
+    assert model_calls([500] * 4, 1024) == 2  # four 500-row files: 1,500 rows, then 500
+    assert model_calls([80, 80, 86], 1024) == 1
+    assert model_calls([], 1024) == 0
+
+
 def test_gpu_actors_get_windows_from_tokenize_tasks_and_cpu_actors_tokenize_their_own(ray_session: Any) -> None:
     import ray
 
@@ -600,7 +609,7 @@ def test_gpu_actors_get_windows_from_tokenize_tasks_and_cpu_actors_tokenize_thei
 
     def stages(num_gpus: float) -> list[str]:
         args = PipelineArgs(model=ABSENT_MODEL, input="in", output="out", num_gpus=num_gpus)
-        pool = pool_sizes(args, cluster_gpus=num_gpus, nodes=[NodeShape(8)], rows=4096)
+        pool = pool_sizes(args, cluster_gpus=num_gpus, nodes=[NodeShape(8)], calls=4)
         names, op = [], build_pipeline(ray.data.from_items([{"text": "x"}]), args, pool)._logical_plan.dag
         while op.input_dependencies:
             names.append(op.name)
