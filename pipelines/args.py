@@ -49,7 +49,7 @@ class PipelineArgs(BaseModel):
         description=(
             "Most model actors in the pool; Ray Data scales between the two. None: one per GPU the cluster "
             "has (or its autoscaler can add) with GPU actors, else one per CPU core (fewer where a node's "
-            "memory cannot hold that many model copies, or the job has fewer slices)."
+            "memory cannot hold that many model copies, or the job makes fewer model calls)."
         ),
     )
     num_gpus: Annotated[float, Field(ge=0)] | Literal["auto"] = Field(

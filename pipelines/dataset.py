@@ -166,7 +166,7 @@ def map_batches_options(args: PipelineArgs, pool: PoolSizes, actor_log: Any = No
             "tokenize": pool.num_gpus == 0,
         },
         "compute": ActorPoolStrategy(min_size=pool.min_actors, max_size=pool.max_actors),
-        # Blocks hold rows_per_call rows (see scored_dataset), so a call is one block.
+        # Blocks hold a slice (see scored_dataset): a call is one slice, or small slices gathered.
         "batch_size": args.rows_per_call,
         "batch_format": "pyarrow",
         "num_cpus": pool.num_cpus,

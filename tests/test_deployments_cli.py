@@ -128,7 +128,13 @@ def _serve_until_interrupted(
         if while_serving is not None:
             while_serving()
         process.send_signal(signal.SIGINT)
-        process.wait(timeout=90)
+        try:
+            process.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+            reader.join(timeout=30)
+            pytest.fail(f"still running 90 s after Ctrl-C; its output:\n{''.join(lines)[-3000:]}")
     finally:
         if process.poll() is None:
             process.kill()
