@@ -1,11 +1,13 @@
-"""Helpers the benchmarks share: what machine this is, and the random-weight checkpoint they all load."""
+"""Helpers the benchmarks share: what machine this is, the random-weight checkpoint they all load, ports and servers."""
 
 from __future__ import annotations
 
 import platform
+import signal
 import socket
 import subprocess
 from pathlib import Path
+from typing import Any
 
 from sentiment.testing import make_checkpoint
 
@@ -37,6 +39,20 @@ def ensure_checkpoint(out: Path, size: str = "base") -> Path:
     if not (checkpoint / "config.json").exists():
         make_checkpoint(checkpoint, size=size)
     return checkpoint
+
+
+def popen_interruptible(argv: list[str], **kwargs: Any) -> subprocess.Popen[Any]:
+    """``subprocess.Popen(argv, **kwargs)`` for a server that Ctrl-C (SIGINT) must stop; main thread only.
+
+    A process started in the background of a script (``cmd &``) inherits SIGINT ignored, and its
+    children would too: exec keeps an ignored signal ignored but resets a handled one. The child
+    is started while this process handles SIGINT, so it gets SIGINT as from a terminal.
+    """
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        return subprocess.Popen(argv, **kwargs)
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def free_port() -> int:

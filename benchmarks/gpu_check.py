@@ -46,7 +46,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.common import ensure_checkpoint, free_port
+from benchmarks.common import ensure_checkpoint, free_port, popen_interruptible
 from benchmarks.corpus import make_reviews, write_corpus
 from benchmarks.run import forward_flops, peak_tflops
 from benchmarks.serve_bench import closed_loop, summarize
@@ -626,7 +626,7 @@ class Background:
         environment = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
         environment["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), environment.get("PYTHONPATH")]))
         self._file = self.log.open("w")
-        self.process = subprocess.Popen(
+        self.process = popen_interruptible(
             self.argv, cwd=REPO, env=environment, stdout=self._file, stderr=subprocess.STDOUT
         )
         return self

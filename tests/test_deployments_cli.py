@@ -20,6 +20,7 @@ import httpx
 import pytest
 import yaml
 
+from benchmarks.common import popen_interruptible
 from deployments.cli import command_from_args
 from ray_sentiment.cli import build_parser, main
 from sentiment.cli import load_config_file
@@ -103,16 +104,10 @@ def _serve_until_interrupted(
     while_serving: Callable[[], None] | None = None,
 ) -> str:
     """Run a serving command until it prints ``ready_line`` and answers; Ctrl-C it; its output."""
-    # A test run started in the background of a script (`cmd &`) inherits SIGINT ignored, and a
-    # server started from it would too: exec keeps an ignored signal ignored but resets a handled
-    # one, so the server is started while this process handles SIGINT, as from a terminal.
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:
-        process = subprocess.Popen(
-            argv, cwd=REPO, env=_environment(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-        )
-    finally:
-        signal.signal(signal.SIGINT, previous)
+    # Ctrl-C reaches it even when this test run was started in the background (SIGINT ignored).
+    process = popen_interruptible(
+        argv, cwd=REPO, env=_environment(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     lines: list[str] = []
     # A thread drains the pipe, so the server never blocks on a full one and lines are seen as printed.
     reader = threading.Thread(target=lambda: lines.extend(process.stdout or []), daemon=True)
