@@ -75,8 +75,8 @@ def tokenize(batch: pa.Table, *, config: ModelConfig) -> pa.Table:
 @functools.cache
 def _tokenize_stage(config_json: str) -> TokenizeStage:
     # A tokenize task reserves one CPU, so its Rust tokenizer uses one thread, not every core of
-    # the node (where the model actors run). Read by the tokenizers library when it first encodes.
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # the node. Read by the tokenizers library when it first encodes (as in `ModelStage`).
+    os.environ.setdefault("RAYON_NUM_THREADS", "1")
     return TokenizeStage(ModelConfig.model_validate_json(config_json))
 
 
