@@ -97,13 +97,13 @@ def overhead(out: Path, rows: int, rows_per_call: int, repeats: int) -> dict[str
     corpus = out / f"corpus-{rows}-1"
     if not corpus.exists():
         write_corpus(corpus, rows=rows, files=1, seed=0)
-    loop_argv = [sys.executable, "-c", _LOOP_SCRIPT, str(next(corpus.glob("*.parquet"))), str(checkpoint)]
-    loop_argv.append(str(rows_per_call))
+    parquet = next(corpus.glob("*.parquet"))
+    loop_argv = [sys.executable, "-c", _LOOP_SCRIPT, str(parquet), str(checkpoint), str(rows_per_call)]
     loop_env = {key: value for key, value in environment().items() if key != "TOKENIZERS_PARALLELISM"}
+    job_argv = batch_command(corpus, out / "scored", checkpoint, "--overwrite")
     job, job_whole, loop = [], [], []
     for repeat in range(repeats):
         # Alternating, each in a fresh process: neither runs beside the other's leftovers.
-        job_argv = batch_command(corpus, out / "scored", checkpoint, "--overwrite")
         whole = timed(job_argv, out / f"overhead-job-{repeat}.log")
         report = json.loads((out / "scored" / "_report.json").read_text())
         job.append(report["rows_per_second"])

@@ -88,14 +88,7 @@ class TokenizeStage:
         self.column = config.text_column
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        if self.column not in batch.column_names:
-            raise InvalidInputError(f"text column {self.column!r} not found; columns are {batch.column_names}")
-        texts = batch.column(self.column).to_pylist()
-        errors = [text_error(text) for text in texts]
-        valid = [index for index, error in enumerate(errors) if error is None]
-        encoded: list[EncodedText | None] = [None] * len(texts)
-        for index, text in zip(valid, self.encoder.encode([texts[i] for i in valid]), strict=True):
-            encoded[index] = text
+        encoded, errors = self.encode(batch)
         return (
             batch.append_column(
                 WINDOWS,
@@ -106,6 +99,18 @@ class TokenizeStage:
             .append_column(ROW_ERROR, pa.array(errors, pa.string()))
         )
 
+    def encode(self, batch: pa.Table) -> tuple[list[EncodedText | None], list[str | None]]:
+        """Each row's windows (None for a row with an error) and error (None for a row the model can take)."""
+        if self.column not in batch.column_names:
+            raise InvalidInputError(f"text column {self.column!r} not found; columns are {batch.column_names}")
+        texts = batch.column(self.column).to_pylist()
+        errors = [text_error(text) for text in texts]
+        valid = [index for index, error in enumerate(errors) if error is None]
+        encoded: list[EncodedText | None] = [None] * len(texts)
+        for index, text in zip(valid, self.encoder.encode([texts[i] for i in valid]), strict=True):
+            encoded[index] = text
+        return encoded, errors
+
 
 class ModelStage:
     """Token windows to predictions: one `SentimentClassifier` per actor, on the device Ray reserved for it."""
@@ -114,7 +119,7 @@ class ModelStage:
         self, config: ModelConfig, actor_log: Any = None, threads: int | None = None, tokenize: bool = False
     ) -> None:
         """``threads``: torch threads (CPU actors); None: as many as Ray's OMP_NUM_THREADS, at most the cores.
-        ``tokenize``: take text batches and run `TokenizeStage` first, with the classifier's own tokenizer."""
+        ``tokenize``: take text batches and encode them as `TokenizeStage` does, with the classifier's own tokenizer."""
         import ray
         import torch
 
@@ -138,14 +143,20 @@ class ModelStage:
             ray.get(actor_log.add.remote(self.key, entry))
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        errors: list[str | None]
         if self.tokenize is not None:
-            batch = self.tokenize(batch)
-        windows = batch.column(WINDOWS).to_pylist()
-        num_tokens = batch.column(NUM_TOKENS).to_pylist()
-        truncated = batch.column(TRUNCATED).to_pylist()
-        errors: list[str | None] = batch.column(ROW_ERROR).to_pylist()
-        valid = [index for index, error in enumerate(errors) if error is None]
-        encoded = [EncodedText(windows[i], num_tokens[i], truncated[i]) for i in valid]
+            # Its own slice's texts, straight to encodings (no token columns to build and read back).
+            rows, errors = self.tokenize.encode(batch)
+            valid = [index for index, error in enumerate(errors) if error is None]
+            encoded = [row for row in rows if row is not None]
+        else:
+            windows = batch.column(WINDOWS).to_pylist()
+            num_tokens = batch.column(NUM_TOKENS).to_pylist()
+            truncated = batch.column(TRUNCATED).to_pylist()
+            errors = batch.column(ROW_ERROR).to_pylist()
+            valid = [index for index, error in enumerate(errors) if error is None]
+            encoded = [EncodedText(windows[i], num_tokens[i], truncated[i]) for i in valid]
+            batch = batch.drop_columns(list(STAGE_COLUMNS))
         try:
             scored: list[Prediction | None] = list(self.classifier.predict_encoded(encoded))
         except DeviceMemoryError as exc:
@@ -158,7 +169,7 @@ class ModelStage:
             predictions[index] = prediction
         self.rows += batch.num_rows
         self._report()
-        return with_predictions(batch.drop_columns(list(STAGE_COLUMNS)), predictions, errors, self.classifier.labels)
+        return with_predictions(batch, predictions, errors, self.classifier.labels)
 
     def _report(self) -> None:
         if self.actor_log is None:
