@@ -209,14 +209,10 @@ class SentimentServer:
         started = time.perf_counter()
         for work in batch:
             work.times.queue = started - work.submitted
-        failed: set[int] = set()
-        memory_error: DeviceMemoryError | None = None
         try:
-            predictions: list[Prediction | None] = list(await self.classifier.apredict_encoded(encoded))
-        except DeviceMemoryError as exc:
-            # The classifier already split and retried: only texts that do not fit alone failed,
-            # and only their requests fail. The model works, so this is no strike against health.
-            predictions, failed, memory_error = exc.partial, set(exc.failed), exc
+            # The classifier already split and retried on OOM: only texts that do not fit alone carry
+            # an error, and only their requests fail. The model works, so that is no strike against health.
+            scored = await self.classifier.apredict_encoded(encoded)
         except Exception as exc:
             self._failures += 1
             logger.exception("Batch of %d texts failed in the model", len(encoded))
@@ -240,13 +236,14 @@ class SentimentServer:
         results: list[list[Prediction] | ApiError] = []
         start = 0
         for work in batch:
-            span = range(start, start + len(work.encoded))
+            mine = scored[start : start + len(work.encoded)]
             start += len(work.encoded)
-            if memory_error is not None and failed.intersection(span):
-                first = min(failed.intersection(span)) - span.start
-                results.append(ApiError(ErrorType.TOO_LARGE, f"{work.field}[{first}]: {memory_error}"))
+            failed = [(index, error) for index, error in enumerate(mine) if isinstance(error, DeviceMemoryError)]
+            if failed:
+                index, error = failed[0]
+                results.append(ApiError(ErrorType.TOO_LARGE, f"{work.field}[{index}]: {error}"))
             else:
-                results.append([p for p in predictions[span.start : span.stop] if p is not None])
+                results.append([p for p in mine if isinstance(p, Prediction)])
         return results
 
 

@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from pydantic_core import PydanticCustomError
 
-from sentiment.config import ModelConfig, accept_renamed, parse_section
+from sentiment.config import ModelConfig, parse_section
 
 # With num_gpus "auto" on a cluster that has GPUs, four replicas share each card: BERT-large in
 # bf16 needs under 1 GiB of weights, so one replica alone leaves most of a modern GPU idle.
@@ -201,16 +201,6 @@ class ServeArgs(BaseModel):
             "Environment variable a replica reads the API key from when api_key is unset; unset or empty: no key."
         ),
     )
-
-    @model_validator(mode="before")
-    @classmethod
-    def _renamed(cls, data: Any) -> Any:
-        renamed = {
-            "batch_max_texts": "gather_max_texts",
-            "batch_max_tokens": "gather_max_tokens",
-            "batch_wait_timeout_s": "gather_wait_s",
-        }
-        return accept_renamed(data, renamed, "args")
 
     @model_validator(mode="after")
     def _check_consistency(self) -> ServeArgs:

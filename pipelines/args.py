@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from sentiment.config import ModelConfig, accept_renamed, parse_section
+from sentiment.config import ModelConfig, parse_section
 
 
 class PipelineArgs(BaseModel):
@@ -21,8 +21,9 @@ class PipelineArgs(BaseModel):
 
     model: ModelConfig = Field(
         default_factory=ModelConfig,
-        description="The model every actor loads; model.text_column names the column that holds the reviews.",
+        description="The model every actor loads.",
     )
+    text_column: str = Field("text", min_length=1, description="Input column that holds the reviews.")
     input: str | list[str] = Field(
         description=(
             "Parquet input: a file, a directory (its *.parquet files, recursively), a glob, or a list of "
@@ -95,16 +96,6 @@ class PipelineArgs(BaseModel):
         ),
     )
 
-    @model_validator(mode="before")
-    @classmethod
-    def _renamed_fields(cls, data: Any) -> Any:
-        if isinstance(data, dict) and "output_file_bytes" in data:
-            raise ValueError(
-                "output_file_bytes is gone: the job writes one file per slice of rows_per_call rows "
-                "(--rows-per-call), so that a crash re-does only the slices in flight"
-            )
-        return accept_renamed(data, {"batch_size": "rows_per_call"}, "batch")
-
     @field_validator("input")
     @classmethod
     def _check_input(cls, value: str | list[str]) -> str | list[str]:
@@ -136,10 +127,6 @@ class PipelineArgs(BaseModel):
     def inputs(self) -> list[str]:
         """`input` as a list."""
         return [self.input] if isinstance(self.input, str) else list(self.input)
-
-    @property
-    def text_column(self) -> str:
-        return self.model.text_column
 
     def actor_gpus(self, cluster_gpus: float) -> float:
         """GPUs each actor reserves: `num_gpus`, with 'auto' resolved against the cluster's GPUs."""

@@ -164,6 +164,7 @@ def map_batches_options(args: PipelineArgs, pool: PoolSizes, actor_log: Any = No
             # worker processes of its own, where Ray's already started workers could take the actors.
             "threads": pool.cpu_threads,
             "tokenize": pool.num_gpus == 0,
+            "text_column": args.text_column,
         },
         "compute": ActorPoolStrategy(min_size=pool.min_actors, max_size=pool.max_actors),
         # Blocks hold a slice (see scored_dataset): a call is one slice, or small slices gathered.
@@ -189,7 +190,7 @@ def tokenize_options(args: PipelineArgs) -> dict[str, Any]:
 
 
 def build_pipeline(ds: Dataset, args: PipelineArgs, pool: PoolSizes, actor_log: Any = None) -> Dataset:
-    """The two stages on ``ds`` (which holds ``args.model.text_column``): ``ds`` plus the prediction columns.
+    """The two stages on ``ds`` (which holds ``args.text_column``): ``ds`` plus the prediction columns.
 
     GPU model actors get token windows from tokenize tasks, which keep the host's CPUs tokenizing
     while the GPUs run. CPU model actors tokenize their own slices: there tokenizing and the
@@ -201,7 +202,9 @@ def build_pipeline(ds: Dataset, args: PipelineArgs, pool: PoolSizes, actor_log: 
 
     if pool.num_gpus == 0:
         return ds.map_batches(ModelStage, **map_batches_options(args, pool, actor_log))
-    tokenized = ds.map_batches(partial(tokenize, config=args.model), **tokenize_options(args))
+    tokenized = ds.map_batches(
+        partial(tokenize, config=args.model, text_column=args.text_column), **tokenize_options(args)
+    )
     return tokenized.map_batches(ModelStage, **map_batches_options(args, pool, actor_log))
 
 

@@ -11,7 +11,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, TextIO
 
 from pipelines.args import PipelineArgs
@@ -71,9 +71,6 @@ class BatchResult:
             "skipped_slices": self.skipped_slices,
             "skipped_files": self.skipped_files,
         }
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "rows_per_second": self.rows_per_second, "tokens_per_second": self.tokens_per_second}
 
 
 def format_summary(report: Mapping[str, Any]) -> str:

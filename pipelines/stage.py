@@ -63,29 +63,29 @@ class ActorLog:
         return totals
 
 
-def tokenize(batch: pa.Table, *, config: ModelConfig) -> pa.Table:
+def tokenize(batch: pa.Table, *, config: ModelConfig, text_column: str) -> pa.Table:
     """`TokenizeStage` as a plain function for Ray Data tasks: one tokenizer per worker process, reused.
 
     Tasks, not actors: they hold a CPU only while they run, so on a small machine the reads, the
     writes and the model actor always find one (actors holding every CPU would stall the job).
     """
-    return _tokenize_stage(config.model_dump_json())(batch)
+    return _tokenize_stage(config.model_dump_json(), text_column)(batch)
 
 
 @functools.cache
-def _tokenize_stage(config_json: str) -> TokenizeStage:
+def _tokenize_stage(config_json: str, text_column: str) -> TokenizeStage:
     # A tokenize task reserves one CPU, so its Rust tokenizer uses one thread, not every core of
     # the node. Read by the tokenizers library when it first encodes (as in `ModelStage`).
     os.environ.setdefault("RAYON_NUM_THREADS", "1")
-    return TokenizeStage(ModelConfig.model_validate_json(config_json))
+    return TokenizeStage(ModelConfig.model_validate_json(config_json), text_column)
 
 
 class TokenizeStage:
     """Texts to token windows: appends `STAGE_COLUMNS` to a pyarrow column batch."""
 
-    def __init__(self, config: ModelConfig, encoder: TextEncoder | None = None) -> None:
+    def __init__(self, config: ModelConfig, text_column: str = "text", encoder: TextEncoder | None = None) -> None:
         self.encoder = encoder or TextEncoder(config)
-        self.column = config.text_column
+        self.column = text_column
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         encoded, errors = self.encode(batch)
@@ -116,10 +116,16 @@ class ModelStage:
     """Token windows to predictions: one `SentimentClassifier` per actor, on the device Ray reserved for it."""
 
     def __init__(
-        self, config: ModelConfig, actor_log: Any = None, threads: int | None = None, tokenize: bool = False
+        self,
+        config: ModelConfig,
+        actor_log: Any = None,
+        threads: int | None = None,
+        tokenize: bool = False,
+        text_column: str = "text",
     ) -> None:
         """``threads``: torch threads (CPU actors); None: as many as Ray's OMP_NUM_THREADS, at most the cores.
-        ``tokenize``: take text batches and encode them as `TokenizeStage` does, with the classifier's own tokenizer."""
+        ``tokenize``: take text batches (texts in ``text_column``) and encode them as `TokenizeStage` does, with
+        the classifier's own tokenizer."""
         import ray
         import torch
 
@@ -128,7 +134,7 @@ class ModelStage:
             # The Rust tokenizer's threads: as many as torch's, read when it first encodes.
             os.environ.setdefault("RAYON_NUM_THREADS", str(threads))
         self.classifier = SentimentClassifier(config, reserved_gpus=ray.get_gpu_ids())
-        self.tokenize = TokenizeStage(config, self.classifier.encoder) if tokenize else None
+        self.tokenize = TokenizeStage(config, text_column, self.classifier.encoder) if tokenize else None
         self.actor_log = actor_log
         self.key = f"{ray.get_runtime_context().get_actor_id()}"
         self.rows = 0
@@ -157,16 +163,13 @@ class ModelStage:
             valid = [index for index, error in enumerate(errors) if error is None]
             encoded = [EncodedText(windows[i], num_tokens[i], truncated[i]) for i in valid]
             batch = batch.drop_columns(list(STAGE_COLUMNS))
-        try:
-            scored: list[Prediction | None] = list(self.classifier.predict_encoded(encoded))
-        except DeviceMemoryError as exc:
-            # Only the rows that do not fit alone fail; the rest of the batch keeps its predictions.
-            scored = exc.partial
-            for position in exc.failed:
-                errors[valid[position]] = str(exc)
         predictions: list[Prediction | None] = [None] * batch.num_rows
-        for index, prediction in zip(valid, scored, strict=True):
-            predictions[index] = prediction
+        # Only the rows that do not fit in GPU memory alone fail; the rest keep their predictions.
+        for index, result in zip(valid, self.classifier.predict_encoded(encoded), strict=True):
+            if isinstance(result, DeviceMemoryError):
+                errors[index] = str(result)
+            else:
+                predictions[index] = result
         self.rows += batch.num_rows
         self._report()
         return with_predictions(batch, predictions, errors, self.classifier.labels)

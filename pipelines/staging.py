@@ -145,8 +145,6 @@ def check_manifest(location: Location, expected: dict[str, Any], what: str, igno
         found = json.loads(files.read_text(location))
     except (OSError, ValueError) as exc:
         raise InvalidInputError(f"cannot resume: {location.uri} is unreadable ({exc}); pass --overwrite") from exc
-    if isinstance(found, dict) and "batch_size" in found:  # written before rows_per_call had its name
-        found["rows_per_call"] = found.pop("batch_size")
     for key in expected:
         if key not in ignore and found.get(key) != expected[key]:
             hint = f"pass --rows-per-call {found.get(key)} or" if key == "rows_per_call" else "pass"

@@ -6,13 +6,12 @@ knob lives here once. Nothing here imports torch, transformers or ray.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from sentiment.devices import gpu_memory_fraction
 
@@ -21,29 +20,6 @@ DEFAULT_MODEL_ID = "lvwerra/bert-imdb"
 LongTextStrategy = Literal["head", "tail", "head_tail", "chunks"]
 DeviceName = str
 DTypeName = Literal["auto", "fp32", "bf16", "fp16"]
-
-
-def accept_renamed(data: Any, renamed: Mapping[str, str], section: str) -> Any:
-    """``data`` with fields under their old names moved to their new ones, each with a FutureWarning.
-
-    The batching knobs were renamed by the level they set (forward pass, gathered requests, rows
-    per model call); their old names are still read for one release. Giving both is an error.
-    """
-    if not isinstance(data, Mapping) or not any(old in data for old in renamed):
-        return data
-    data = dict(data)
-    for old, new in renamed.items():
-        if old not in data:
-            continue
-        if new in data:
-            raise ValueError(f"{section}.{old} is the old name of {section}.{new}; give only {new}")
-        warnings.warn(
-            f"{section}.{old} is deprecated: it is now {section}.{new} (the old name is read until the next release)",
-            FutureWarning,
-            stacklevel=2,
-        )
-        data[new] = data.pop(old)
-    return data
 
 
 class ModelConfig(BaseModel):
@@ -116,7 +92,6 @@ class ModelConfig(BaseModel):
         ),
     )
     forward_max_inputs: int = Field(64, ge=1, description="Most inputs in one forward pass, whatever their length.")
-    text_column: str = Field("text", min_length=1, description="Column that holds the texts in a column batch.")
     gpu_memory_fraction: float | None = Field(
         None,
         gt=0,
@@ -139,13 +114,6 @@ class ModelConfig(BaseModel):
         if fraction == self.gpu_memory_fraction:
             return self
         return self.model_copy(update={"gpu_memory_fraction": fraction})
-
-    @model_validator(mode="before")
-    @classmethod
-    def _renamed(cls, data: Any) -> Any:
-        return accept_renamed(
-            data, {"max_batch_tokens": "forward_max_tokens", "max_batch_size": "forward_max_inputs"}, "model"
-        )
 
     @field_validator("device")
     @classmethod

@@ -6,8 +6,6 @@ the core only says *what* went wrong, naming the bad field or value and what is 
 
 from __future__ import annotations
 
-from typing import Any
-
 
 class SentimentError(Exception):
     """Base class of every error this package raises on purpose."""
@@ -22,15 +20,8 @@ class ModelLoadError(SentimentError, RuntimeError):
 
 
 class DeviceMemoryError(SentimentError, MemoryError):
-    """Some inputs did not fit in the device's memory even one at a time; the others have results.
+    """An input did not fit in the device's memory even alone.
 
     The classifier splits a forward pass that runs out of GPU memory and retries the halves, so
-    only an input that alone does not fit ends here. ``failed`` are the indices of those inputs
-    (of the sequences, or of the texts, by the method that raised); ``partial`` holds the results
-    of the call with None (or zeros) at those indices, so a caller can answer everything else.
+    only an input that alone does not fit ends here; the message says what to change.
     """
-
-    def __init__(self, message: str, failed: list[int], partial: Any) -> None:
-        super().__init__(message)
-        self.failed = failed
-        self.partial = partial

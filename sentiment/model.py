@@ -119,7 +119,6 @@ class SentimentClassifier:
         self.tokenizer = self.encoder.tokenizer
         self.labels = self.encoder.labels
         self.max_length = self.encoder.max_length
-        self.max_content = self.encoder.max_content
         self.head_tokens = self.encoder.head_tokens
         self.tokens_run = 0
         """Tokens of the sequences run through the model (padding not counted), since this classifier loaded."""
@@ -176,10 +175,19 @@ class SentimentClassifier:
     def forward(self, sequences: Sequence[Sequence[int]]) -> np.ndarray:
         """Class probabilities (float32, one row per sequence, input order) for model-ready id lists.
 
+        Raises `DeviceMemoryError` if a sequence does not fit in GPU memory even alone (see `forward_each`).
+        """
+        probabilities, failed = self.forward_each(sequences)
+        if failed:
+            raise DeviceMemoryError(self._memory_message(max(len(sequences[i]) for i in failed)))
+        return probabilities
+
+    def forward_each(self, sequences: Sequence[Sequence[int]]) -> tuple[np.ndarray, list[int]]:
+        """Class probabilities for every sequence that fits, and the indices of those that do not.
+
         Sequences are grouped by `plan_batches`; each batch is padded to its own longest member. A
         forward pass that runs out of GPU memory is split in halves and retried, down to single
-        sequences; if some do not fit even alone, `DeviceMemoryError` names them once every other
-        sequence has its row (``partial`` is the array, zeros at the failed rows).
+        sequences; a sequence that does not fit even alone keeps a row of zeros and is listed.
         """
         probabilities = np.zeros((len(sequences), len(self.labels)), dtype=np.float32)
         lengths = [len(sequence) for sequence in sequences]
@@ -188,10 +196,7 @@ class SentimentClassifier:
             self.tokens_run += sum(lengths[i] for i in batch)
             self.tokens_padded += len(batch) * lengths[batch[0]]  # longest first
             failed += self._forward_splitting(batch, sequences, probabilities)
-        if failed:
-            message = self._memory_message(max(lengths[i] for i in failed))
-            raise DeviceMemoryError(message, sorted(failed), probabilities)
-        return probabilities
+        return probabilities, sorted(failed)
 
     def _forward_splitting(self, batch: list[int], sequences: Sequence[Sequence[int]], out: np.ndarray) -> list[int]:
         """Run ``batch`` (indices into ``sequences``) into ``out``, halving on CUDA OOM; the indices that never fit."""
@@ -250,33 +255,29 @@ class SentimentClassifier:
             ).logits
             return logits.float().softmax(dim=-1).cpu().numpy()
 
-    def predict_encoded(self, encoded: Sequence[EncodedText]) -> list[Prediction]:
-        """Predictions for already-encoded texts; a text with several windows averages their probabilities.
+    def predict_encoded(self, encoded: Sequence[EncodedText]) -> list[Prediction | DeviceMemoryError]:
+        """One result per encoded text, in order: its `Prediction`, or the error that text alone met.
 
-        Raises `DeviceMemoryError` naming the texts with a window that did not fit in GPU memory
-        alone; its ``partial`` holds every other text's `Prediction` (None at the failed ones).
+        A text with several windows averages their probabilities. The only per-text failure is a
+        window that does not fit in GPU memory even alone (`DeviceMemoryError`); every other text of
+        the call still gets its prediction, so a caller answers or writes everything else.
         """
         windows = [window for text in encoded for window in text.windows]
-        owner = [index for index, text in enumerate(encoded) for _ in text.windows]
-        probabilities: np.ndarray
-        try:
-            probabilities = self.forward(windows)
-            failed: set[int] = set()
-        except DeviceMemoryError as exc:
-            probabilities = exc.partial
-            failed = {owner[window] for window in exc.failed}
-            memory_error = exc
-        predictions: list[Prediction | None] = []
+        probabilities, failed_windows = self.forward_each(windows)
+        owner = np.repeat(np.arange(len(encoded)), [len(text.windows) for text in encoded])
+        failed = {int(owner[window]) for window in failed_windows}
+        results: list[Prediction | DeviceMemoryError] = []
         start = 0
         for index, text in enumerate(encoded):
-            # Averaging window probabilities is how Spark NLP's coalesceSentences combines sentences.
-            mean = probabilities[start : start + len(text.windows)].mean(axis=0)
+            rows = probabilities[start : start + len(text.windows)]
             start += len(text.windows)
             if index in failed:
-                predictions.append(None)
+                results.append(DeviceMemoryError(self._memory_message(max(len(w) for w in text.windows))))
                 continue
+            # Averaging window probabilities is how Spark NLP's coalesceSentences combines sentences.
+            mean = rows.mean(axis=0)
             best = int(mean.argmax())
-            predictions.append(
+            results.append(
                 Prediction(
                     label=self.labels[best],
                     score=float(mean[best]),
@@ -285,13 +286,15 @@ class SentimentClassifier:
                     truncated=text.truncated,
                 )
             )
-        if failed:
-            raise DeviceMemoryError(str(memory_error), sorted(failed), predictions)
-        return [prediction for prediction in predictions if prediction is not None]
+        return results
 
     def predict(self, texts: Sequence[str], long_text: LongTextStrategy | None = None) -> list[Prediction]:
-        """One `Prediction` per text, in input order. Raises `InvalidInputError` for a non-string."""
-        return self.predict_encoded(self.encode(texts, long_text))
+        """One `Prediction` per text, in input order.
+
+        Raises `InvalidInputError` for a non-string and `DeviceMemoryError` for a text that does not
+        fit in GPU memory (`predict_encoded` answers the other texts too).
+        """
+        return [_raise_error(result) for result in self.predict_encoded(self.encode(texts, long_text))]
 
     async def apredict(self, texts: Sequence[str], long_text: LongTextStrategy | None = None) -> list[Prediction]:
         """`predict` off the event loop, so an asyncio server keeps serving meanwhile."""
@@ -307,7 +310,7 @@ class SentimentClassifier:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._encode_executor, self.encode, texts, long_text)
 
-    async def apredict_encoded(self, encoded: Sequence[EncodedText]) -> list[Prediction]:
+    async def apredict_encoded(self, encoded: Sequence[EncodedText]) -> list[Prediction | DeviceMemoryError]:
         """`predict_encoded` on the model thread, so an asyncio server's event loop keeps serving meanwhile."""
         if self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sentiment-model")
@@ -317,6 +320,12 @@ class SentimentClassifier:
     def warmup(self) -> None:
         """Run one forward pass at the maximum length, so the first real request is not the slow one."""
         self.forward([[self._pad_id] * self.max_length])
+
+
+def _raise_error(result: Prediction | DeviceMemoryError) -> Prediction:
+    if isinstance(result, DeviceMemoryError):
+        raise result
+    return result
 
 
 # -- loading -----------------------------------------------------------------------------------

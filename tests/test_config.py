@@ -67,34 +67,13 @@ def test_read_yaml_names_the_file(tmp_path: Path) -> None:
         read_yaml(listing)
 
 
-def test_old_batching_names_are_read_with_a_warning_naming_the_new_ones() -> None:
-    import warnings
-
+def test_unreleased_batching_names_are_unknown_fields() -> None:
     from deployments.args import parse_serve_args
+    from pipelines.args import parse_pipeline_args
 
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        old = {"model": {"max_batch_tokens": 2048, "max_batch_size": 8}, "batch_max_texts": 8}
-        args = parse_serve_args({**old, "batch_wait_timeout_s": 0.1})
-    assert (args.model.forward_max_tokens, args.model.forward_max_inputs) == (2048, 8)
-    assert (args.gather_max_texts, args.gather_wait_s) == (8, 0.1)
-    messages = sorted(str(warning.message) for warning in caught if warning.category is FutureWarning)
-    assert messages[0].startswith("args.batch_max_texts is deprecated: it is now args.gather_max_texts")
-    new_name = "model.max_batch_tokens is deprecated: it is now model.forward_max_tokens"
-    assert any(message.startswith(new_name) for message in messages)
-    with pytest.raises(ValueError, match=r"old name of model\.forward_max_tokens; give only forward_max_tokens"):
-        ModelConfig(max_batch_tokens=1, forward_max_tokens=2)
-
-
-def test_the_batch_jobs_old_batch_size_is_read_as_rows_per_call() -> None:
-    import warnings
-
-    from pipelines.args import PipelineArgs
-
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        args = PipelineArgs(input="in.parquet", output="out", batch_size=256)
-    assert args.rows_per_call == 256
-    assert [str(w.message) for w in caught if w.category is FutureWarning] == [
-        "batch.batch_size is deprecated: it is now batch.rows_per_call (the old name is read until the next release)"
-    ]
+    with pytest.raises(InvalidInputError, match=r"model\.max_batch_tokens: Extra inputs are not permitted"):
+        parse_serve_args({"model": {"max_batch_tokens": 2048}})
+    with pytest.raises(InvalidInputError, match=r"batch_max_texts: Extra inputs are not permitted"):
+        parse_serve_args({"batch_max_texts": 8})
+    with pytest.raises(InvalidInputError, match=r"batch\.batch_size: Extra inputs are not permitted"):
+        parse_pipeline_args({"input": "in.parquet", "output": "out", "batch_size": 256})

@@ -26,7 +26,7 @@ import pytest
 import torch
 
 from benchmarks.corpus import write_corpus
-from pipelines.args import PipelineArgs, parse_pipeline_args
+from pipelines.args import PipelineArgs
 from pipelines.batch import (
     STAGING_SUFFIX,
     BatchJobError,
@@ -375,11 +375,6 @@ def test_default_pools_put_an_actor_on_every_core_and_one_on_every_gpu() -> None
     assert (two.min_actors, two.max_actors, two.cpu_threads) == (1, 4, 4)
 
 
-def test_output_file_bytes_is_refused_with_what_replaced_it() -> None:
-    with pytest.raises(InvalidInputError, match="output_file_bytes is gone: the job writes one file per slice"):
-        parse_pipeline_args({"input": "in", "output": "out", "output_file_bytes": 1})
-
-
 # -- checks that fail before any model loads (the model path does not even exist) ---------------
 
 
@@ -393,7 +388,7 @@ def test_missing_text_column_names_the_file_and_column(tmp_path: Path) -> None:
     with pytest.raises(InvalidInputError, match=r"reviews.parquet has no text column 'text'; its columns are"):
         checked(tmp_path, str(tmp_path / "reviews.parquet"))
     plan = plan_inputs(
-        PipelineArgs(model=ModelConfig(model_id="x", text_column="review"), input=str(tmp_path), output="o")
+        PipelineArgs(model=ModelConfig(model_id="x"), text_column="review", input=str(tmp_path), output="o")
     )
     assert plan.read_columns == ["id", "review"]
 
