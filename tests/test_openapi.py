@@ -72,7 +72,7 @@ def test_schemathesis_with_all_checks_finds_nothing(live_url: str, tmp_path: Pat
         f"Authorization: Bearer {API_KEY}",
         "--max-examples",
         "60",
-        # Reproducible in CI; other seeds were run by hand (see the README).
+        # Reproducible in CI; other seeds were run by hand (see docs/development.md).
         "--seed",
         "1",
         "--workers",
