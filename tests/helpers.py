@@ -12,9 +12,14 @@ from typing import Any
 
 import httpx
 import pytest
+import yaml
 
+from deployments.args import ServeArgs, parse_serve_args
 from sentiment.model import SentimentClassifier
 from sentiment.testing import WORDS
+
+REPO = Path(__file__).resolve().parents[1]
+SERVE_YAML = REPO / "deployments" / "serve.yaml"
 
 API_KEY = "test-key-0123456789"
 MAX_TEXTS = 8
@@ -28,6 +33,12 @@ MAIN_LIMITS: dict[str, Any] = {
     "gather_max_texts": 32,
     "max_ongoing_requests": 64,
 }
+
+
+def shipped_args() -> ServeArgs:
+    """The args of the shipped ``deployments/serve.yaml``."""
+    (application,) = yaml.safe_load(SERVE_YAML.read_text())["applications"]
+    return parse_serve_args(application["args"])
 
 
 def tiny_args(checkpoint: Path, **overrides: Any) -> dict[str, Any]:
