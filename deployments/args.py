@@ -1,7 +1,7 @@
 """`ServeArgs`: every option of the online endpoint, typed, with the shared `ModelConfig` inside.
 
 ``serve.yaml``'s ``args:`` section and ``sentiment serve`` flags are read into this one object;
-`deployments.app.build_app` turns it into Serve deployment options. Nothing here imports ray.
+`deployments.builder.build_app` turns it into Serve deployment options. Nothing here imports ray.
 """
 
 from __future__ import annotations

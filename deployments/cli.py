@@ -128,7 +128,7 @@ def run_serve(args: argparse.Namespace) -> int:
     import ray
     from ray import serve
 
-    from deployments.app import application
+    from deployments.builder import application
 
     # "local": a Ray of its own, as the README says, even when a `ray start` cluster runs on this
     # machine (plain ray.init() would attach to it, then shut its Serve down on exit).

@@ -7,19 +7,19 @@ text-embeddings-inference; ``/`` follows the Hugging Face Inference API, which i
 
 from __future__ import annotations
 
+from enum import Enum
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 from pydantic.json_schema import SkipJsonSchema
 
-from deployments.errors import ErrorType
 from sentiment.config import LongTextStrategy
 
 
 def _non_space_pattern() -> str:
     """A regex for "holds a character that is not whitespace", whitespace meaning exactly ``str.isspace``.
 
-    The routes refuse a text that ``str.strip`` empties (`deployments.api._checked`); regex ``\\S``
+    The routes refuse a text that ``str.strip`` empties (`deployments.routes`); regex ``\\S``
     disagrees on a few control characters (U+001C..U+001F), so the class is spelt out, in escapes
     that both Python and ECMA-262 (JSON Schema's regex dialect) read the same way.
     """
@@ -152,6 +152,31 @@ class InferenceRequest(_Body):
     parameters: InferenceParameters = Field(default_factory=InferenceParameters)
 
 
+class ErrorType(str, Enum):
+    """What went wrong, as clients see it in ``error_type``."""
+
+    MALFORMED = "malformed"
+    """The body is not JSON."""
+    VALIDATION = "validation"
+    """A field is missing, null, of the wrong type or not an allowed value."""
+    EMPTY = "empty"
+    """No texts, or an empty text."""
+    TOO_LARGE = "too_large"
+    """More texts, characters or bytes than the configured limits allow."""
+    UNAUTHORIZED = "unauthorized"
+    """The API key is missing or wrong."""
+    NOT_FOUND = "not_found"
+    """No such route, or the route does not take this method."""
+    BACKEND = "backend"
+    """The model failed on a well-formed request."""
+    UNHEALTHY = "unhealthy"
+    """The replica is not ready (still warming up, or its model keeps failing)."""
+    OVERLOADED = "overloaded"
+    """The replica's queue already holds more work than it runs in `ServeArgs.max_queue_wait_s`; retry later."""
+    INTERNAL = "internal"
+    """A bug in this server; the replica keeps serving."""
+
+
 class ErrorBody(BaseModel):
     """Every error a route answers itself (TEI's shape); Serve's proxy answers plain text (see the README)."""
 
@@ -162,7 +187,7 @@ class ErrorBody(BaseModel):
 def document_limits(openapi: dict[str, Any], max_texts: int, max_chars: int) -> None:
     """Write one server's request limits into its OpenAPI document, so that it promises what the routes accept.
 
-    The routes check these themselves (`deployments.api._checked`), to answer 400/413 with a message
+    The routes check these themselves (`deployments.routes`), to answer 400/413 with a message
     naming the text; here they become ``minItems``/``maxItems`` and ``maxLength``/``pattern``.
     """
     schemas = openapi.get("components", {}).get("schemas", {})

@@ -109,3 +109,30 @@ def make_checkpoint(
 def describe_size(size: str) -> dict[str, Any]:
     """The architecture numbers of a size name, for benchmark reports."""
     return dict(SIZES[size])
+
+
+# -- Waiting and ports, for tests that start servers or clusters (no Ray needed here) ----------
+# A self-contained block: its imports stay with it.
+
+from collections.abc import Callable  # noqa: E402
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_until(condition: Callable[[], bool], timeout_s: float, what: str, interval_s: float = 0.5) -> None:
+    """Poll ``condition`` until it holds; after ``timeout_s``, fail naming ``what`` was awaited."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(interval_s)
+    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")

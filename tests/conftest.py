@@ -17,6 +17,9 @@ from sentiment.config import ModelConfig
 from sentiment.model import SentimentClassifier
 from sentiment.testing import make_checkpoint
 
+# The shared helpers assert too: rewrite them as pytest does test modules, so their failures explain themselves.
+pytest.register_assert_rewrite("tests.helpers")
+
 # Tests never reach the hub, even by accident.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

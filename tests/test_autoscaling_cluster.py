@@ -10,7 +10,6 @@ every Ray on the machine, and node launches take minutes on two cores. Run it al
 from __future__ import annotations
 
 import copy
-import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ from benchmarks.corpus import write_corpus
 from pipelines.args import PipelineArgs
 from pipelines.batch import run
 from sentiment.config import ModelConfig
+from sentiment.testing import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -65,12 +65,6 @@ def gpu_nodes() -> int:
     return sum(1 for node in ray.nodes() if node["Alive"] and node["Resources"].get("GPU", 0) > 0)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def local_autoscaling_cluster(max_gpu_workers: int) -> Any:
     """A fake-provider cluster like cluster.yaml: a CPU-only head, a GPU worker type that starts at 0."""
     import ray
@@ -106,7 +100,7 @@ def test_the_cluster_serve_config_adds_a_gpu_node_and_its_replicas_land_there_at
     from ray import serve
     from ray.util.state import list_actors
 
-    from deployments.app import build_app
+    from deployments.builder import build_app
 
     config = yaml.safe_load(SERVE_CLUSTER_YAML.read_text())
     (application,) = config["applications"]

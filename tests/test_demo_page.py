@@ -17,7 +17,8 @@ import httpx
 import pytest
 
 from sentiment.model import SentimentClassifier
-from tests.test_deployments import API_KEY, deploy, free_port, tiny_args
+from sentiment.testing import free_port
+from tests.helpers import API_KEY, deploy, tiny_args
 
 CHROMIUM = "/usr/bin/chromium"
 WAIT_S = 30

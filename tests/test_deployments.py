@@ -13,9 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import random
-import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,60 +22,19 @@ import httpx
 import pytest
 import torch
 
-from deployments.app import build_app
 from sentiment.config import ModelConfig
 from sentiment.model import SentimentClassifier
-from sentiment.testing import WORDS
-
-MAX_TEXTS = 8
-MAX_CHARS = 10_000
-API_KEY = "test-key-0123456789"
-# The ``main`` app's request limits and batching; tests/test_routes.py runs its routes in-process with the same.
-MAIN_LIMITS: dict[str, Any] = {
-    "max_texts_per_request": MAX_TEXTS,
-    "max_chars_per_text": MAX_CHARS,
-    "gather_wait_s": 0.05,
-    "gather_max_texts": 32,
-    "max_ongoing_requests": 64,
-}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def review(words: int, rng: random.Random) -> str:
-    return " ".join(rng.choice(WORDS) for _ in range(words))
-
-
-def wait_until(condition: Callable[[], bool], timeout_s: float, what: str, interval_s: float = 0.5) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(interval_s)
-    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
-
-
-def replica_states(app: str) -> dict[str, int]:
-    from ray import serve
-
-    status = serve.status().applications.get(app)
-    if status is None:
-        return {}
-    (deployment,) = status.deployments.values()
-    return {str(getattr(state, "value", state)): count for state, count in deployment.replica_states.items()}
-
-
-def deploy(apps: dict[str, tuple[dict[str, Any], str]], wait: bool = True) -> None:
-    """Deploy several apps at once, so their replicas start in parallel."""
-    from ray import serve
-    from ray.serve.api import RunTarget
-
-    targets = [RunTarget(build_app(args), name=name, route_prefix=prefix) for name, (args, prefix) in apps.items()]
-    serve.run_many(targets, wait_for_applications_running=wait)
+from sentiment.testing import free_port, wait_until
+from tests.helpers import (
+    API_KEY,
+    MAIN_LIMITS,
+    assert_same_predictions,
+    deploy,
+    expected,
+    replica_states,
+    review,
+    tiny_args,
+)
 
 
 @pytest.fixture(scope="module")
@@ -87,15 +45,6 @@ def serve_port(ray_session: Any) -> Iterator[int]:
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     yield port
     serve.shutdown()
-
-
-def tiny_args(checkpoint: Path, **overrides: Any) -> dict[str, Any]:
-    return {
-        "model": {"model_id": str(checkpoint)},
-        "num_replicas": 1,
-        "ray_actor_options": {"num_cpus": 0.1, "num_gpus": 0},
-        **overrides,
-    }
 
 
 @pytest.fixture(scope="module")
@@ -125,26 +74,6 @@ def urls(serve_port: int, tiny_checkpoint: Path) -> dict[str, str]:
     )
     base = f"http://127.0.0.1:{serve_port}"
     return {"main": base, "guarded": f"{base}/guarded", "metered": f"{base}/metered"}
-
-
-def assert_healthy(client: httpx.Client) -> None:
-    assert client.get("/readyz").status_code == 200
-    response = client.post("/v1/classify", json={"text": "a good film"})
-    assert response.status_code == 200, response.text
-
-
-def expected(classifier: SentimentClassifier, texts: list[str], long_text: Any = None) -> list[dict[str, Any]]:
-    return [p.to_dict() for p in classifier.predict(texts, long_text)]
-
-
-def assert_same_predictions(got: list[dict[str, Any]], want: list[dict[str, Any]]) -> None:
-    assert len(got) == len(want)
-    for g, w in zip(got, want, strict=True):
-        assert g["label"] == w["label"]
-        assert (g["num_tokens"], g["truncated"]) == (w["num_tokens"], w["truncated"])
-        # Batches padded differently change float sums in the last bits only.
-        assert g["score"] == pytest.approx(w["score"], abs=1e-5)
-        assert g["scores"] == pytest.approx(w["scores"], abs=1e-5)
 
 
 # -- routes ------------------------------------------------------------------------------------

@@ -1,28 +1,21 @@
-"""`ServeArgs`, the shipped serve.yaml and the pure pieces of the Serve app, without starting Ray."""
+"""`ServeArgs` and the shipped Serve configs, without starting Ray."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import yaml
 from pydantic import SecretStr
 
-from deployments.app import deployment_options
 from deployments.args import ServeArgs, parse_serve_args
+from deployments.builder import deployment_options
 from sentiment.config import ModelConfig
 from sentiment.errors import InvalidInputError
+from tests.helpers import REPO, SERVE_YAML, shipped_args
 
-REPO = Path(__file__).resolve().parents[1]
-SERVE_YAML = REPO / "deployments" / "serve.yaml"
 SERVE_CLUSTER_YAML = REPO / "deployments" / "serve-cluster.yaml"
-
-
-def shipped_args() -> ServeArgs:
-    (application,) = yaml.safe_load(SERVE_YAML.read_text())["applications"]
-    return parse_serve_args(application["args"])
 
 
 def test_defaults_follow_the_issue() -> None:
@@ -79,50 +72,6 @@ def test_api_key_comes_from_the_config_or_the_environment() -> None:
     assert "from-config" not in repr(configured)
 
 
-def test_auto_gpus_give_four_replicas_per_gpu_on_a_gpu_cluster_and_cpu_replicas_otherwise() -> None:
-    args = shipped_args()
-    assert args.ray_actor_options.num_gpus == "auto"
-    assert args.ray_actor_options.num_cpus == "auto"
-    on_gpus = deployment_options(args, cluster_gpus=1, node_cpus=16)
-    # A GPU replica tokenizes on one CPU; a CPU replica runs its forward passes on every core of a node.
-    assert on_gpus["ray_actor_options"] == {"num_cpus": 1, "num_gpus": 0.25}
-    assert on_gpus["autoscaling_config"]["max_replicas"] * 0.25 == 1
-    assert deployment_options(args, cluster_gpus=0, node_cpus=16)["ray_actor_options"] == {
-        "num_cpus": 16,
-        "num_gpus": 0.0,
-    }
-
-
-def test_deployment_options_come_from_the_args() -> None:
-    args = parse_serve_args(
-        {
-            "num_replicas": 3,
-            "ray_actor_options": {"num_cpus": 2, "num_gpus": 0.5},
-            "max_ongoing_requests": 70,
-            "max_queued_requests": 9,
-        }
-    )
-    assert deployment_options(args, cluster_gpus=0) == {
-        "name": "SentimentClassifier",
-        "ray_actor_options": {"num_cpus": 2, "num_gpus": 0.5},
-        "max_ongoing_requests": 70,
-        "max_queued_requests": 9,
-        "backpressure_config": {"status_code": 503, "retry_after_s": 1.0},
-        "max_constructor_retry_count": 1,
-        "num_replicas": 3,
-    }
-    autoscaled = deployment_options(ServeArgs(), cluster_gpus=0)
-    assert "num_replicas" not in autoscaled
-    assert autoscaled["autoscaling_config"] == {
-        "min_replicas": 1,
-        "max_replicas": 4,
-        "target_ongoing_requests": 32,
-        "upscale_delay_s": 10,
-        "downscale_delay_s": 300,
-        "look_back_period_s": 30,
-    }
-
-
 def test_shipped_serve_yaml_is_a_valid_ray_serve_config() -> None:
     from ray.serve.schema import ServeDeploySchema
 
@@ -174,12 +123,3 @@ def test_config_modules_import_without_ray_or_torch(module: str) -> None:
     code = f"import sys, {module}; print(sorted(m for m in ('ray', 'torch', 'transformers') if m in sys.modules))"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
-
-
-def test_app_module_imports_without_torch_or_starting_ray() -> None:
-    code = (
-        "import sys, deployments.app, ray; "
-        "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules), ray.is_initialized())"
-    )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert result.stdout.strip() == "[] False"

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -24,6 +23,7 @@ from benchmarks.common import popen_interruptible
 from deployments.cli import command_from_args
 from ray_sentiment.cli import build_parser, main
 from sentiment.cli import load_config_file
+from sentiment.testing import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 SERVE_YAML = REPO / "deployments" / "serve.yaml"
@@ -32,12 +32,6 @@ SERVE_YAML = REPO / "deployments" / "serve.yaml"
 def command(*argv: str):  # type: ignore[no-untyped-def]
     args = build_parser().parse_args(["serve", *argv])
     return command_from_args(args, load_config_file(args))
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def test_serve_reads_the_shipped_ray_serve_config_and_flags_win() -> None:

@@ -18,12 +18,13 @@ import pyarrow.parquet as pq
 import pytest
 
 from benchmarks.corpus import write_corpus
-from deployments.app import build_app
+from deployments.builder import build_app
 from pipelines.args import PipelineArgs
 from pipelines.batch import STAGING_SUFFIX, run
 from sentiment.config import ModelConfig
 from sentiment.model import SentimentClassifier
-from tests.test_deployments import free_port, replica_states, wait_until
+from sentiment.testing import free_port, wait_until
+from tests.helpers import replica_states
 
 pytestmark = pytest.mark.multinode
 

@@ -6,7 +6,6 @@ The endpoint is the replica's FastAPI app on a tiny real classifier, served by u
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 import threading
@@ -19,12 +18,14 @@ import httpx
 import pytest
 import uvicorn
 
-from deployments.api import create_api
-from deployments.app import SentimentServer
 from deployments.args import ServeArgs
+from deployments.openapi import STATUS_MEANINGS
+from deployments.replica import SentimentServer
+from deployments.routes import ERRORS, create_api
 from deployments.schemas import NON_EMPTY_PATTERN
 from sentiment.config import ModelConfig
 from sentiment.model import SentimentClassifier
+from sentiment.testing import free_port
 
 API_KEY = "openapi-test-key"
 CONFIG = Path(__file__).with_name("schemathesis.toml")
@@ -40,9 +41,7 @@ def make_server(checkpoint: Path, **overrides: Any) -> SentimentServer:
 
 @pytest.fixture(scope="module")
 def live_url(tiny_checkpoint: Path) -> Iterator[str]:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     app = create_api(make_server(tiny_checkpoint, api_key=API_KEY))
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
@@ -128,3 +127,9 @@ def test_a_schema_valid_top_k_written_as_3_0_is_accepted_and_a_string_is_not(liv
     refused = httpx.post(f"{live_url}/", json=body, headers=headers)
     assert refused.status_code == 422
     assert refused.json()["error"].startswith("parameters.top_k")
+
+
+def test_every_status_the_error_table_answers_is_documented() -> None:
+    # Routing (404, 405) and bugs (500) are no route's promise; everything else a route may answer is.
+    answered = {status for status, _ in ERRORS.values()} - {404, 405, 500}
+    assert answered == set(STATUS_MEANINGS)

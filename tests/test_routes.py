@@ -1,28 +1,43 @@
 """The replica's routes in-process: the FastAPI app on a tiny real classifier, no Ray, no Serve.
 
-What a client sees from each route (answers, TEI and Inference API shapes, every error, the API
-key) does not depend on Serve, so it is tested here, fast; `tests/test_deployments.py` keeps what
-needs Serve (batching across concurrent HTTP requests, metrics, the proxy's backpressure, fractional
-GPUs, autoscaling, the Hugging Face client over real HTTP).
+What a client sees from each route (answers, TEI and Inference API shapes, timing headers, every
+error, the API key) does not depend on Serve, so it is tested here, fast; `tests/test_deployments.py`
+keeps what needs Serve (batching across concurrent HTTP requests, metrics, the proxy's backpressure,
+fractional GPUs, autoscaling, the Hugging Face client over real HTTP). Every row of the error table
+is answered here from an error raised behind the routes, at the engine's seam.
 """
 
 from __future__ import annotations
 
 import math
 import random
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 from starlette.testclient import TestClient
 
-from deployments.api import create_api
-from deployments.app import SentimentServer
 from deployments.args import ServeArgs
-from sentiment.config import ModelConfig
-from sentiment.model import SentimentClassifier
-from tests.test_deployments import (
+from deployments.errors import (
+    BackendFailure,
+    EmptyInput,
+    MalformedBody,
+    MethodNotAllowed,
+    NotFound,
+    Overloaded,
+    TooLarge,
+    Unauthorized,
+    Unhealthy,
+)
+from deployments.metrics import StageTimes
+from deployments.replica import SentimentServer
+from deployments.routes import ERRORS, create_api
+from sentiment import errors as core_errors
+from sentiment.config import LongTextStrategy, ModelConfig
+from sentiment.errors import DeviceMemoryError, InvalidInputError, ModelLoadError, SentimentError
+from sentiment.model import EncodedText, Prediction, SentimentClassifier
+from tests.helpers import (
     API_KEY,
     MAIN_LIMITS,
     MAX_CHARS,
@@ -215,3 +230,176 @@ def test_api_key_is_required_on_every_route_but_healthz(guarded: TestClient, met
     right = guarded.request(method, route, headers={"Authorization": f"Bearer {API_KEY}"}, **kwargs)
     assert right.status_code == 200, right.text
     assert guarded.get("/healthz").status_code == 200
+
+
+# -- timing headers --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/v1/classify", {"texts": ["a fine film", "dull"]}),
+        ("/predict", {"inputs": "a fine film"}),
+        ("/", {"inputs": ["a fine film"]}),
+    ],
+)
+def test_every_classify_answer_carries_the_stage_timings_in_milliseconds(
+    client: TestClient, path: str, body: dict[str, object]
+) -> None:
+    response = client.post(path, json=body)
+    assert response.status_code == 200
+    stages = {name: int(response.headers[f"x-{name}-time"]) for name in ("total", "tokenization", "queue", "inference")}
+    assert all(value >= 0 for value in stages.values())
+    # Each header is rounded to the millisecond on its own: the parts may exceed the total by that.
+    assert stages["total"] + 2 >= stages["tokenization"] + stages["queue"] + stages["inference"]
+
+
+def test_refused_requests_carry_no_timings(client: TestClient) -> None:
+    response = client.post("/v1/classify", json={"texts": [" "]})
+    assert response.status_code == 400
+    assert "x-total-time" not in response.headers
+
+
+# -- the error table ---------------------------------------------------------------------------
+
+
+class Raising(SentimentServer):
+    """A replica whose ``classify`` raises the error a test hands it: the seam between the routes and the engine."""
+
+    error: Exception | None = None
+
+    async def classify(
+        self, texts: Sequence[str], long_text: LongTextStrategy | None = None, *, field: str = "texts", cut: bool = True
+    ) -> tuple[list[Prediction], StageTimes]:
+        if self.error is not None:
+            raise self.error
+        return await super().classify(texts, long_text, field=field, cut=cut)
+
+
+@pytest.fixture(scope="module")
+def raising(classifier: SentimentClassifier) -> Iterator[tuple[Raising, TestClient]]:
+    server = Raising(ServeArgs(model=classifier.config), classifier=classifier)
+    # A bug's 500 is answered, then re-raised for the server to log; the client only sees the answer.
+    with TestClient(create_api(server), raise_server_exceptions=False) as session:
+        yield server, session
+
+
+# Each row of deployments.routes.ERRORS: an error of that class, the status and error_type it answers,
+# and the headers it calls for.
+TABLE_ROWS: list[tuple[Exception, int, str, dict[str, str]]] = [
+    (MalformedBody("body is not valid JSON: here"), 400, "malformed", {}),
+    (EmptyInput("texts[1] is empty"), 400, "empty", {}),
+    (TooLarge("texts has 9 texts; at most 8 per request"), 413, "too_large", {}),
+    (InvalidInputError("texts[0]: not a text the model takes"), 422, "validation", {}),
+    (DeviceMemoryError("texts[0]: an input of 512 tokens does not fit"), 413, "too_large", {}),
+    (ModelLoadError("checkpoint ./typo: no such directory"), 424, "backend", {}),
+    (SentimentError("the core refused"), 424, "backend", {}),
+    (Unauthorized("missing or wrong API key"), 401, "unauthorized", {"www-authenticate": "Bearer"}),
+    (MethodNotAllowed("Method Not Allowed", ["GET", "POST"]), 405, "not_found", {"allow": "GET, POST"}),
+    (NotFound("Not Found"), 404, "not_found", {}),
+    (Overloaded("the replica is busy", retry_after_s=3), 503, "overloaded", {"retry-after": "3"}),
+    (Unhealthy("the model keeps failing"), 503, "unhealthy", {}),
+    (BackendFailure("the model failed: RuntimeError: boom"), 424, "backend", {}),
+    (RuntimeError("a bug, with internals"), 500, "internal", {}),
+]
+
+
+def test_the_rows_tested_are_every_row_of_the_table() -> None:
+    tested = {type(error) for error, *_ in TABLE_ROWS}
+    assert tested - {RuntimeError} == set(ERRORS) - {Exception}
+    assert RuntimeError not in ERRORS
+
+
+@pytest.mark.parametrize(
+    ("error", "status", "error_type", "headers"), TABLE_ROWS, ids=[type(row[0]).__name__ for row in TABLE_ROWS]
+)
+def test_each_error_raised_behind_the_routes_answers_its_row_of_the_table(
+    raising: tuple[Raising, TestClient], error: Exception, status: int, error_type: str, headers: dict[str, str]
+) -> None:
+    server, session = raising
+    server.error = error
+    try:
+        for path, body in (
+            ("/v1/classify", {"text": "fine"}),
+            ("/predict", {"inputs": "fine"}),
+            ("/", {"inputs": "fine"}),
+        ):
+            response = session.post(path, json=body)
+            assert response.status_code == status, response.text
+            message = "internal error: RuntimeError" if status == 500 else str(error)
+            assert response.json() == {"error": message, "error_type": error_type}
+            assert response.headers["content-type"] == "application/json"
+            assert {name: response.headers.get(name) for name in headers} == headers
+            assert "x-total-time" not in response.headers
+    finally:
+        server.error = None
+    assert_healthy(session)
+
+
+def every_sentiment_error() -> list[type[SentimentError]]:
+    """The core's error classes, and every subclass known here (the serve layer's input errors)."""
+    found: list[type[SentimentError]] = []
+    pending: list[type[SentimentError]] = [SentimentError]
+    while pending:
+        cls = pending.pop()
+        found.append(cls)
+        pending.extend(cls.__subclasses__())
+    return found
+
+
+def test_every_error_of_the_core_answers_a_4xx_never_500(raising: tuple[Raising, TestClient]) -> None:
+    server, session = raising
+    core = {cls for cls in vars(core_errors).values() if isinstance(cls, type) and issubclass(cls, SentimentError)}
+    classes = every_sentiment_error()
+    assert core <= set(classes)
+
+    class Unforeseen(InvalidInputError):
+        """A subclass nobody put in the table: it takes its parent's row."""
+
+    try:
+        for cls in [*classes, Unforeseen]:
+            server.error = cls(f"{cls.__name__} here")
+            response = session.post("/v1/classify", json={"text": "fine"})
+            assert 400 <= response.status_code < 500, (cls, response.text)
+            assert response.json()["error"] == f"{cls.__name__} here"
+        assert response.status_code == 422
+        assert response.json()["error_type"] == "validation"
+    finally:
+        server.error = None
+
+
+class RefusingClassifier(SentimentClassifier):
+    """The real tiny classifier, whose encoder or model refuses every input with the core's InvalidInputError."""
+
+    refuse_in: str | None = None
+
+    async def aencode(self, texts: Sequence[str], long_text: LongTextStrategy | None = None) -> list[EncodedText]:
+        if self.refuse_in == "encoder":
+            raise InvalidInputError(f"texts[0]: {len(texts[0])} characters the tokenizer refuses (injected)")
+        return await super().aencode(texts, long_text)
+
+    async def apredict_encoded(self, encoded: Sequence[EncodedText]) -> list[Prediction | DeviceMemoryError]:
+        if self.refuse_in == "model":
+            raise InvalidInputError("texts[0]: the model refuses this input (injected)")
+        return await super().apredict_encoded(encoded)
+
+
+@pytest.mark.parametrize("where", ["encoder", "model"])
+def test_an_invalid_input_error_raised_inside_the_replica_answers_422_with_the_json_error_body_not_500(
+    tiny_checkpoint: Path, where: str
+) -> None:
+    model = ModelConfig(model_id=str(tiny_checkpoint), device="cpu")
+    refusing = RefusingClassifier(model)
+    server = SentimentServer(ServeArgs(model=model), classifier=refusing)
+    with TestClient(create_api(server)) as session:
+        refusing.refuse_in = where
+        for path, body in (("/v1/classify", {"texts": ["fine"]}), ("/predict", {"inputs": "fine"})):
+            response = session.post(path, json=body)
+            assert response.status_code == 422, response.text
+            assert response.json()["error_type"] == "validation"
+            assert response.json()["error"].startswith("texts[0]: ")
+            assert response.json()["error"].endswith("(injected)")
+        # A refused input is no failure of the model: the replica stays ready, and serves once the core accepts.
+        refusing.refuse_in = None
+        assert server.healthy
+        assert_healthy(session)

@@ -1,27 +1,30 @@
 """`SentimentServer` in-process, with its classifier and metrics handed in: no Ray, no HTTP.
 
 What the replica does with a gathered batch when the model runs out of GPU memory: the
-classifier splits and retries; a request whose text does not fit even alone gets 413, the other
-requests of the same batch their predictions, and the replica stays healthy.
+classifier splits and retries; a request whose text does not fit even alone fails (413), the
+other requests of the same batch get their predictions, and the replica stays healthy. What it
+raises, it raises in the core's or the serve layer's words; the status each answers is the
+routes' table (`deployments.routes.error_status`), asserted here for the errors the replica makes.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from starlette.testclient import TestClient
 
-from deployments.app import SentimentServer
 from deployments.args import ServeArgs
-from deployments.errors import ApiError, ErrorType
+from deployments.errors import BackendFailure, Overloaded, TooLarge, Unhealthy
 from deployments.metrics import EndpointMetrics
+from deployments.replica import SentimentServer
+from deployments.routes import error_status
+from deployments.schemas import ErrorType
 from sentiment.config import ModelConfig
+from sentiment.errors import DeviceMemoryError, InvalidInputError
 from sentiment.model import Prediction, SentimentClassifier
 
 
@@ -65,7 +68,12 @@ def server(tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch) -> SentimentS
 
 
 async def classify_all(server: SentimentServer, requests: list[list[str]]) -> list[list[Prediction] | BaseException]:
-    return await asyncio.gather(*(server.classify(texts) for texts in requests), return_exceptions=True)
+    """Each request's predictions, or the error it met."""
+
+    async def predictions(texts: list[str]) -> list[Prediction]:
+        return (await server.classify(texts))[0]
+
+    return await asyncio.gather(*(predictions(texts) for texts in requests), return_exceptions=True)
 
 
 def test_only_the_request_with_a_text_too_big_for_the_gpu_fails_and_the_replica_stays_healthy(
@@ -83,9 +91,9 @@ def test_only_the_request_with_a_text_too_big_for_the_gpu_fails_and_the_replica_
     results = asyncio.run(after_a_first_batch())
 
     first, failed, last = results
-    assert isinstance(failed, ApiError)
-    assert (failed.status, failed.error_type) == (413, ErrorType.TOO_LARGE)
-    assert failed.message.startswith("texts[1]: an input of 202 tokens does not fit in cpu memory")
+    assert isinstance(failed, DeviceMemoryError)
+    assert error_status(failed) == (413, ErrorType.TOO_LARGE)
+    assert str(failed).startswith("texts[1]: an input of 202 tokens does not fit in cpu memory")
     assert isinstance(first, list)
     assert isinstance(last, list)
     # Asked directly in passes that fit (4 inputs at most), so they split nothing themselves.
@@ -112,45 +120,11 @@ def test_a_model_that_keeps_failing_otherwise_still_makes_the_replica_unhealthy(
     monkeypatch.setattr(server.classifier, "_forward_batch", broken)
     for _ in range(3):
         (result,) = asyncio.run(classify_all(server, [["fine"]]))
-        assert isinstance(result, ApiError)
-        assert result.status == 424
+        assert isinstance(result, BackendFailure)
+        assert error_status(result)[0] == 424
     assert not server.healthy
-
-
-@pytest.fixture
-def client(tiny_checkpoint: Path) -> Iterator[TestClient]:
-    """The FastAPI app of one replica, in-process, on the tiny classifier: no Ray, no Serve."""
-    from deployments.api import create_api
-
-    model = ModelConfig(model_id=str(tiny_checkpoint), device="cpu")
-    server = SentimentServer(ServeArgs(model=model), classifier=SentimentClassifier(model), metrics=RecordingMetrics())
-    with TestClient(create_api(server)) as session:
-        yield session
-
-
-@pytest.mark.parametrize(
-    ("path", "body"),
-    [
-        ("/v1/classify", {"texts": ["a fine film", "dull"]}),
-        ("/predict", {"inputs": "a fine film"}),
-        ("/", {"inputs": ["a fine film"]}),
-    ],
-)
-def test_every_classify_answer_carries_the_stage_timings_in_milliseconds(
-    client: TestClient, path: str, body: dict[str, object]
-) -> None:
-    response = client.post(path, json=body)
-    assert response.status_code == 200
-    stages = {name: int(response.headers[f"x-{name}-time"]) for name in ("total", "tokenization", "queue", "inference")}
-    assert all(value >= 0 for value in stages.values())
-    # Each header is rounded to the millisecond on its own: the parts may exceed the total by that.
-    assert stages["total"] + 2 >= stages["tokenization"] + stages["queue"] + stages["inference"]
-
-
-def test_refused_requests_carry_no_timings(client: TestClient) -> None:
-    response = client.post("/v1/classify", json={"texts": [" "]})
-    assert response.status_code == 400
-    assert "x-total-time" not in response.headers
+    with pytest.raises(Unhealthy, match="the model failed on the last 3 batches"):
+        asyncio.run(server.check_health())
 
 
 def slow_server(checkpoint: Path, monkeypatch: pytest.MonkeyPatch, max_queue_wait_s: float | None) -> SentimentServer:
@@ -186,7 +160,7 @@ def test_a_replica_with_too_much_work_queued_sheds_requests_with_503_and_retry_a
 
     results = asyncio.run(run())
     served = [result for result in results if isinstance(result, list)]
-    shed = [result for result in results if isinstance(result, ApiError)]
+    shed = [result for result in results if isinstance(result, Overloaded)]
     assert len(served) + len(shed) == len(burst)
     # The first request of the burst finds nothing queued; the queue then outgrows 0.2 s of work
     # (8 texts at 4 per 0.1 s).
@@ -194,10 +168,9 @@ def test_a_replica_with_too_much_work_queued_sheds_requests_with_503_and_retry_a
     assert served
     assert shed
     for error in shed:
-        assert (error.status, error.error_type) == (503, ErrorType.OVERLOADED)
-        assert error.headers is not None
-        assert int(error.headers["Retry-After"]) >= 1
-        assert "max_queue_wait_s 0.2" in error.message
+        assert error_status(error) == (503, ErrorType.OVERLOADED)
+        assert error.retry_after_s >= 1
+        assert "max_queue_wait_s 0.2" in str(error)
     assert all(len(result) == 1 for result in served)
     # Nothing stays counted once the burst is answered, so the next request runs.
     assert server.queue_wait_s == 0
@@ -215,3 +188,34 @@ def test_without_a_queue_bound_every_request_waits_its_turn(
         return await classify_all(server, [[f"review {i}"] for i in range(12)])
 
     assert all(isinstance(result, list) for result in asyncio.run(run()))
+
+
+def test_classify_returns_the_predictions_and_the_seconds_of_each_stage(server: SentimentServer) -> None:
+    predictions, times = asyncio.run(server.classify(["a fine film", "dull"]))
+    assert [p.label for p in predictions] == [p.label for p in server.classifier.predict(["a fine film", "dull"])]
+    assert times.tokenization > 0
+    assert times.queue >= 0
+    assert times.inference > 0
+
+
+def test_a_text_longer_than_the_model_is_refused_uncut_naming_its_field(server: SentimentServer) -> None:
+    long_text = " ".join(["good"] * 600)
+    with pytest.raises(TooLarge, match=r"^inputs\[1\] has 602 tokens; the model takes at most 512"):
+        asyncio.run(server.classify(["short", long_text], field="inputs", cut=False))
+    # Refused before it was queued: nothing stays counted as pending work.
+    assert server.admission.pending_batches == 0
+
+
+def test_the_cores_invalid_input_error_leaves_the_replica_as_it_is_and_is_no_strike_against_health(
+    server: SentimentServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def refuse(encoded: object) -> list[Prediction]:
+        raise InvalidInputError("texts[0]: the core refuses this (injected)")
+
+    monkeypatch.setattr(server.classifier, "apredict_encoded", refuse)
+    for _ in range(3):
+        (result,) = asyncio.run(classify_all(server, [["fine"]]))
+        assert type(result) is InvalidInputError
+        assert str(result) == "texts[0]: the core refuses this (injected)"
+        assert error_status(result) == (422, ErrorType.VALIDATION)
+    assert server.healthy
