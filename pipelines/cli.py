@@ -72,13 +72,13 @@ def register(commands: Any) -> None:
 
 
 # PipelineArgs fields that are flags of their own (the others have flags below, or come from the file).
-_POOL_FIELDS = ("num_gpus", "num_cpus", "cpu_threads", "rows_per_call")
+_JOB_FIELDS = ("text_column", "num_gpus", "num_cpus", "cpu_threads", "rows_per_call")
 
 
 def _add_pool_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("batch job (PipelineArgs fields; the config file's 'batch' section)")
     group.add_argument("--actors", metavar="MIN-MAX", help="model actors: a fixed N or an autoscaling MIN-MAX")
-    parser.set_defaults(_pipeline_flags=add_flags(group, PipelineArgs, only=_POOL_FIELDS))
+    parser.set_defaults(_pipeline_flags=add_flags(group, PipelineArgs, only=_JOB_FIELDS))
     add_model_arguments(parser)
 
 
