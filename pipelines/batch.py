@@ -3,15 +3,17 @@
 `run` ties the job's parts together, each in its own module:
 
 - `pipelines.plan`: input files checked from their footers (missing file or text column, a file
-  that is not Parquet, columns that disagree, no rows: errors naming the file and column, before
-  Ray starts or any model loads), the model's labels from its config alone, and the **slices**;
+  that is not Parquet, columns that disagree, a column named like one of the job's working columns
+  (`pipelines.columns`), no rows: errors naming the file and column, before Ray starts or any model
+  loads), the model's labels from its config alone, and the **slices**;
 - `pipelines.staging`: the run's state (`RunState`: output, staging, fresh start, resume or nothing
   to do, the slices to score); results staged per slice under ``OUTPUT.staging``, every input's row
   count checked, then each file moved once into ``OUTPUT``; ``--resume`` re-does only the slices a
   crash cut short;
 - `pipelines.pool`: how many model actors run on this cluster, with what;
-- `pipelines.dataset`: the Ray Data graph as a list of stages (read slices -> tokenize -> model ->
-  output columns), built by one loop;
+- `pipelines.dataset`: the Ray Data graph, decided in one function as a list of stages (read the
+  slices (`pipelines.read`) -> tokenize -> model (`pipelines.stage`) -> output columns) and built
+  by one loop; texts that are not strings are handled in `pipelines.texts`;
 - `pipelines.report`: the run report (``_report.json``), the summary line and the progress line.
 
 The output directory holds ``part-<input index>-<slice>-<input name>.parquet`` files with the

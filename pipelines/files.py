@@ -176,7 +176,7 @@ def renames_directories(filesystem: pafs.FileSystem) -> bool:
 
 
 def move(source: Location, target: Location) -> None:
-    """Move a file, or a directory tree to a path that does not exist yet.
+    """Move a file (into a directory that exists), or a directory tree to a path that does not exist yet.
 
     On local disk a directory moves with one rename (its parent is made first). Object stores have
     no directories to rename: each file is moved (copied, then deleted) on its own.

@@ -238,9 +238,10 @@ def commit(state: RunState, plan: InputPlan, report: Mapping[str, Any] | None = 
     """Check every input's row count in staging, then move each staged file once, to its name in the output.
 
     On local disk a rename is free and a directory moves whole: the files are renamed within staging,
-    which then replaces the output with one rename. On object stores a rename is a copy and a delete:
-    each file is moved straight into the output, the `_SUCCESS` marker written last. ``report``, with
-    the output's counted rows, is written after the check, so it lands with the results it describes.
+    which then replaces the output with one rename, so readers see all of it or nothing. On object
+    stores a rename is a copy and a delete: each file is moved straight into the output, the
+    `_SUCCESS` marker written last. ``report``, with the output's counted rows, is written after the
+    check, so it lands with the results it describes.
     """
     staging, output = state.staging, state.output
     in_place = files.renames_directories(staging.filesystem)
@@ -250,9 +251,29 @@ def commit(state: RunState, plan: InputPlan, report: Mapping[str, Any] | None = 
             files.move(source, staging.child(name))
         for partition in sorted({source.path.rsplit("/", 1)[0] for source, _ in moves}):
             files.delete(staging.at(partition))
-        moves = []
+    output_rows, parts = _checked_rows(state, plan)
 
-    staged = staged_outputs(staging)
+    markers = {} if report is None else {REPORT: _json({**report, "output_rows": output_rows})}
+    markers[SUCCESS] = json.dumps({"rows": plan.rows, "files": parts}) + "\n"  # last: readers wait for it
+    if in_place:
+        for name, text in markers.items():
+            files.write_text(staging.child(name), text)
+        files.delete(output)
+        files.move(staging, output)
+        return
+    files.delete(output)
+    output.filesystem.create_dir(output.path, recursive=True)
+    for source, name in moves:
+        files.move(source, output.child(name))
+    # Written anew rather than moved: one copy fewer.
+    for name, text in {MANIFEST: _json(state.manifest), **markers}.items():
+        files.write_text(output.child(name), text)
+    files.delete(staging)
+
+
+def _checked_rows(state: RunState, plan: InputPlan) -> tuple[int, int]:
+    """Rows and files in staging; raises `BatchJobError` naming every input whose rows are not all there once."""
+    staged = staged_outputs(state.staging)
     counted: dict[int, int | None] = {item.index: 0 for item in plan.inputs}
     for piece in plan.slices:
         rows = complete_rows(staged.get(piece.id, []))
@@ -266,26 +287,9 @@ def commit(state: RunState, plan: InputPlan, report: Mapping[str, Any] | None = 
     if mismatches:
         raise BatchJobError(
             f"output rows differ from input rows for {len(mismatches)} input file(s); nothing was moved to "
-            f"{output.uri}, the results stay in {staging.uri}:\n" + "\n".join(mismatches[:20])
+            f"{state.output.uri}, the results stay in {state.staging.uri}:\n" + "\n".join(mismatches[:20])
         )
-    output_rows = sum(rows or 0 for rows in counted.values())
-    parts = sum(len(entries) for entries in staged.values())
-
-    target = staging if in_place else output
-    if not in_place:
-        files.delete(output)
-        output.filesystem.create_dir(output.path, recursive=True)
-        for source, name in moves:
-            files.move(source, output.child(name))
-        files.write_text(output.child(MANIFEST), _json(state.manifest))
-    if report is not None:
-        files.write_text(target.child(REPORT), _json({**report, "output_rows": output_rows}))
-    files.write_text(target.child(SUCCESS), json.dumps({"rows": plan.rows, "files": parts}) + "\n")
-    if in_place:
-        files.delete(output)
-        files.move(staging, output)
-    else:
-        files.delete(staging)
+    return sum(rows or 0 for rows in counted.values()), sum(len(entries) for entries in staged.values())
 
 
 def _output_names(staging: Location, plan: InputPlan) -> list[tuple[Location, str]]:
