@@ -167,21 +167,35 @@ def delete(location: Location) -> None:
         location.filesystem.delete_file(location.path)
 
 
-def move(source: Location, target: Location) -> None:
-    """Move a file, or a directory tree to a path that does not exist yet.
+def renames_directories(filesystem: pafs.FileSystem) -> bool:
+    """Whether a directory on ``filesystem`` moves with one rename (local disk), so readers see all of it or nothing.
 
-    On local disk a directory moves with one rename, so readers see all of it or nothing. Object
-    stores have no directories to rename: each file is moved (copied, then deleted) on its own.
+    Object stores have no directories to rename, and rename a file by copying it and deleting the original.
+    """
+    return isinstance(filesystem, pafs.LocalFileSystem)
+
+
+def move(source: Location, target: Location) -> None:
+    """Move a file (into a directory that exists), or a directory tree to a path that does not exist yet.
+
+    On local disk a directory moves with one rename (its parent is made first). Object stores have
+    no directories to rename: each file is moved (copied, then deleted) on its own.
     """
     filesystem = source.filesystem
-    if isinstance(filesystem, pafs.LocalFileSystem) or _info(source).type == pafs.FileType.File:
+    if _info(source).type == pafs.FileType.File:
+        filesystem.move(source.path, target.path)
+        return
+    if renames_directories(filesystem):
         parent = target.path.rsplit("/", 1)[0]
         if parent:
             filesystem.create_dir(parent, recursive=True)
         filesystem.move(source.path, target.path)
         return
-    for item in _walk(source):
-        filesystem.move(item.path, target.path + item.path[len(source.path) :])
+    moves = [(item.path, target.path + item.path[len(source.path) :]) for item in _walk(source)]
+    for parent in sorted({path.rsplit("/", 1)[0] for _, path in moves}):
+        filesystem.create_dir(parent, recursive=True)
+    for path, moved in moves:
+        filesystem.move(path, moved)
     delete(source)
 
 
@@ -193,6 +207,76 @@ def write_text(location: Location, text: str) -> None:
 def read_text(location: Location) -> str:
     with location.filesystem.open_input_stream(location.path) as stream:
         return bytes(stream.read()).decode("utf-8")
+
+
+class RecordingHandler(pafs.FileSystemHandler):
+    """Another filesystem, with every call recorded: ``pafs.PyFileSystem(RecordingHandler(fs))``.
+
+    Shows what a job does to its storage (``calls``: each method's name and paths, in order), e.g.
+    how many objects the commit copies (`move` and `copy_file`; a move is a copy on an object store).
+    A `pafs.PyFileSystem` is no `pafs.LocalFileSystem`, so the job treats it as an object store.
+    """
+
+    def __init__(self, filesystem: pafs.FileSystem) -> None:
+        self.filesystem = filesystem
+        self.calls: list[tuple[str, ...]] = []
+
+    def count(self, method: str) -> int:
+        return sum(call[0] == method for call in self.calls)
+
+    def get_type_name(self) -> str:
+        return f"recording+{self.filesystem.type_name}"
+
+    def normalize_path(self, path: str) -> str:
+        return str(self.filesystem.normalize_path(path))
+
+    def get_file_info(self, paths: list[str]) -> list[pafs.FileInfo]:
+        return list(self.filesystem.get_file_info(paths))
+
+    def get_file_info_selector(self, selector: pafs.FileSelector) -> list[pafs.FileInfo]:
+        return list(self.filesystem.get_file_info(selector))
+
+    def create_dir(self, path: str, recursive: bool) -> None:
+        self.calls.append(("create_dir", path))
+        self.filesystem.create_dir(path, recursive=recursive)
+
+    def delete_dir(self, path: str) -> None:
+        self.calls.append(("delete_dir", path))
+        self.filesystem.delete_dir(path)
+
+    def delete_dir_contents(self, path: str, missing_dir_ok: bool = False) -> None:
+        self.calls.append(("delete_dir_contents", path))
+        self.filesystem.delete_dir_contents(path, missing_dir_ok=missing_dir_ok)
+
+    def delete_root_dir_contents(self) -> None:
+        self.calls.append(("delete_root_dir_contents",))
+        self.filesystem.delete_dir_contents("/", accept_root_dir=True)
+
+    def delete_file(self, path: str) -> None:
+        self.calls.append(("delete_file", path))
+        self.filesystem.delete_file(path)
+
+    def move(self, src: str, dest: str) -> None:
+        self.calls.append(("move", src, dest))
+        self.filesystem.move(src, dest)
+
+    def copy_file(self, src: str, dest: str) -> None:
+        self.calls.append(("copy_file", src, dest))
+        self.filesystem.copy_file(src, dest)
+
+    def open_input_stream(self, path: str) -> pa.NativeFile:
+        return self.filesystem.open_input_stream(path)
+
+    def open_input_file(self, path: str) -> pa.NativeFile:
+        return self.filesystem.open_input_file(path)
+
+    def open_output_stream(self, path: str, metadata: dict[str, str] | None = None) -> pa.NativeFile:
+        self.calls.append(("open_output_stream", path))
+        return self.filesystem.open_output_stream(path, metadata=metadata)
+
+    def open_append_stream(self, path: str, metadata: dict[str, str] | None = None) -> pa.NativeFile:
+        self.calls.append(("open_append_stream", path))
+        return self.filesystem.open_append_stream(path, metadata=metadata)
 
 
 def _info(location: Location) -> pafs.FileInfo:

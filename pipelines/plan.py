@@ -1,10 +1,12 @@
 """Planning a batch job before anything runs: which files, which columns, which labels, which slices.
 
 Every input file's footer is read first: a missing file or text column, a file that is not Parquet,
-files whose columns disagree, or an input without rows fail the job with the file's and column's
-names, before Ray starts or any model loads. The rows are then cut into **slices**: at most
-``rows_per_call`` rows of one row group each. A slice is read together, scored in one model call,
-written as one output file, and is what a resumed run re-does when a crash cut it short.
+files whose columns disagree, a column named like one the job adds while it runs
+(`pipelines.columns`), or an input without rows fail the job with the file's and column's names,
+before Ray starts or any model loads (so before the job chooses GPU or CPU model actors). The rows
+are then cut into **slices**: at most ``rows_per_call`` rows of one row group each. A slice is read
+together, scored in one model call, written as one output file, and is what a resumed run re-does
+when a crash cut it short.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import pyarrow as pa
 
 from pipelines import files
 from pipelines.args import PipelineArgs
+from pipelines.columns import check_input_columns
 from pipelines.files import Location, ParquetInput
 from pipelines.schema import output_name, prediction_columns
 from sentiment.config import ModelConfig
@@ -24,11 +27,6 @@ from sentiment.errors import InvalidInputError
 from sentiment.labels import resolve_labels
 from sentiment.loading import load_model_config, parameter_count
 
-SLICE_COLUMN = "__slice"
-"""The row's slice id (``<file index>-<slice number>``); the write partitions by it, and no output file holds it."""
-TEXT_ERROR = "__text_error"
-TEXT_RAW = "__text_raw"
-RESERVED_COLUMNS = (SLICE_COLUMN, TEXT_ERROR, TEXT_RAW)
 STAGING_SUFFIX = ".staging"
 # A CPU model actor's process before its weights: Python, torch, transformers, Ray's worker (measured 0.4 GiB).
 PROCESS_BYTES = 2**29
@@ -47,7 +45,12 @@ class Slice:
 
     @property
     def id(self) -> str:
-        return f"{self.file:05d}-{self.number:05d}"
+        return slice_id(self.file, self.number)
+
+
+def slice_id(file: int, number: int) -> str:
+    """``<file index>-<slice number>``, both zero-padded: a slice's name in staging and in the `SLICE` column."""
+    return f"{file:05d}-{number:05d}"
 
 
 def plan_slices(inputs: Sequence[ParquetInput], rows_per_slice: int) -> list[Slice]:
@@ -131,12 +134,8 @@ def plan_inputs(args: PipelineArgs) -> InputPlan:
                     "choose the columns to write with keep (--keep)"
                 )
     read_columns = kept if text in kept else [*kept, text]
-    clashes = [name for name in read_columns if name in RESERVED_COLUMNS]
-    if clashes:
-        raise InvalidInputError(
-            f"input column {clashes[0]!r} clashes with a column the batch job adds while it runs; "
-            "leave it out with keep (--keep) or rename it"
-        )
+    # Every file holds every read column (checked above); the first file names the clash.
+    check_input_columns(read_columns, inputs[0].uri)
     unified = _unified_types(inputs, [name for name in read_columns if name != text])
     read_schema = pa.schema(
         [unified.field(name) if name != text else pa.field(text, pa.string()) for name in read_columns]
@@ -171,15 +170,6 @@ def _unified_types(inputs: Sequence[ParquetInput], columns: Sequence[str]) -> pa
         except (pa.ArrowTypeError, pa.ArrowInvalid) as exc:
             raise InvalidInputError(f"input file {item.uri} has column types that differ from {first}: {exc}") from exc
     return unified
-
-
-def is_text_type(data_type: pa.DataType) -> bool:
-    return bool(
-        pa.types.is_string(data_type)
-        or pa.types.is_large_string(data_type)
-        or pa.types.is_string_view(data_type)
-        or pa.types.is_null(data_type)
-    )
 
 
 def checkpoint_labels(config: ModelConfig) -> list[str]:

@@ -1,7 +1,7 @@
 """The batch job's two Ray Data stages around the shared core, as ``ray.data.llm`` splits its processors.
 
 - `TokenizeStage` (CPU tasks, `tokenize`): texts -> model-ready token windows (the long-text strategy applied)
-  and each row's error, decided once by `sentiment.encoding.text_error`. Beside GPU model actors,
+  and each row's error, decided once by `pipelines.texts.text_errors`. Beside GPU model actors,
   many of them run in parallel across cores and nodes, overlapping the forward passes.
 - `ModelStage` (one actor per GPU, or one per CPU core): the windows -> predictions with the shared
   `SentimentClassifier`, then the output columns (`pipelines.schema`). A GPU actor only runs
@@ -23,19 +23,14 @@ from typing import Any
 
 import pyarrow as pa
 
+from pipelines.columns import NUM_TOKENS, ROW_ERROR, STAGE_COLUMNS, TRUNCATED, WINDOWS
 from pipelines.schema import with_predictions
+from pipelines.texts import text_errors
 from sentiment.config import ModelConfig
 from sentiment.devices import limit_threads_to_cores
-from sentiment.encoding import EncodedText, TextEncoder, text_error
-from sentiment.errors import DeviceMemoryError, InvalidInputError
+from sentiment.encoding import EncodedText, TextEncoder
+from sentiment.errors import DeviceMemoryError
 from sentiment.model import Prediction, SentimentClassifier
-
-# Columns the tokenize stage adds and the model stage consumes; never written.
-WINDOWS = "__windows"
-NUM_TOKENS = "__num_tokens"
-TRUNCATED = "__truncated"
-ROW_ERROR = "__row_error"
-STAGE_COLUMNS = (WINDOWS, NUM_TOKENS, TRUNCATED, ROW_ERROR)
 
 
 class ActorLog:
@@ -81,14 +76,14 @@ def _tokenize_stage(config_json: str, text_column: str) -> TokenizeStage:
 
 
 class TokenizeStage:
-    """Texts to token windows: appends `STAGE_COLUMNS` to a pyarrow column batch."""
+    """Texts to token windows: appends `STAGE_COLUMNS` to a pyarrow column batch (its text column as strings)."""
 
     def __init__(self, config: ModelConfig, text_column: str = "text", encoder: TextEncoder | None = None) -> None:
         self.encoder = encoder or TextEncoder(config)
         self.column = text_column
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        encoded, errors = self.encode(batch)
+        batch, encoded, errors = self.encode(batch)
         return (
             batch.append_column(
                 WINDOWS,
@@ -99,17 +94,15 @@ class TokenizeStage:
             .append_column(ROW_ERROR, pa.array(errors, pa.string()))
         )
 
-    def encode(self, batch: pa.Table) -> tuple[list[EncodedText | None], list[str | None]]:
-        """Each row's windows (None for a row with an error) and error (None for a row the model can take)."""
-        if self.column not in batch.column_names:
-            raise InvalidInputError(f"text column {self.column!r} not found; columns are {batch.column_names}")
-        texts = batch.column(self.column).to_pylist()
-        errors = [text_error(text) for text in texts]
+    def encode(self, batch: pa.Table) -> tuple[pa.Table, list[EncodedText | None], list[str | None]]:
+        """The batch as it is written (`text_errors`), each row's windows (None for a row with an error) and
+        error (None for a row the model can take)."""
+        batch, texts, errors = text_errors(batch, self.column)
         valid = [index for index, error in enumerate(errors) if error is None]
         encoded: list[EncodedText | None] = [None] * len(texts)
         for index, text in zip(valid, self.encoder.encode([texts[i] for i in valid]), strict=True):
             encoded[index] = text
-        return encoded, errors
+        return batch, encoded, errors
 
 
 class ModelStage:
@@ -152,7 +145,7 @@ class ModelStage:
         errors: list[str | None]
         if self.tokenize is not None:
             # Its own slice's texts, straight to encodings (no token columns to build and read back).
-            rows, errors = self.tokenize.encode(batch)
+            batch, rows, errors = self.tokenize.encode(batch)
             valid = [index for index, error in enumerate(errors) if error is None]
             encoded = [row for row in rows if row is not None]
         else:

@@ -1,19 +1,30 @@
 """Staging, commit and resume: every input row exactly once in the output, or nothing moved.
 
+A run's state is one `RunState`: the output, its staging directory ``OUTPUT.staging``, whether the
+run starts afresh, resumes an interrupted run or finds the output complete, its manifest and the
+slices it has to score. `open_output` decides from what it finds there (refusing to clobber
+results), before the model's labels are known; `prepare` checks it against the plan and readies
+the staging directory.
+
 Results are written under ``OUTPUT.staging``, one partition directory per slice
-(``__slice=00003-00012/``), and moved to ``OUTPUT`` only when the job has succeeded and every
-slice's output holds exactly its row count; a mismatch fails the job and leaves the staging
-directory for inspection. ``--resume`` keeps the slices whose outputs are complete, deletes the
-others' partial outputs and scores only those, so a crash costs the slices in flight, not whole
-input files. Within one run Ray Data writes each block once (a retried write task rewrites the same
-file name), so a matching count means every row exactly once.
+(``__slice=00003-00012/``), and `commit` moves them to ``OUTPUT`` only when the job has succeeded
+and every slice's output holds exactly its row count; a mismatch fails the job and leaves the
+staging directory for inspection. Each output file is moved once, to its final name: on local disk
+a rename within staging, then one rename of the whole directory, so readers see all of it or
+nothing; on object stores, where a rename is a copy and a delete, straight into ``OUTPUT`` (one
+copy per object), ``_SUCCESS`` last. ``--resume`` keeps the slices whose outputs are complete,
+deletes the others' partial outputs and scores only those, so a crash costs the slices in flight,
+not whole input files. Within one run Ray Data writes each block once (a retried write task
+rewrites the same file name), so a matching count means every row exactly once.
 """
 
 from __future__ import annotations
 
+import enum
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +35,9 @@ import pyarrow.parquet as pq
 
 from pipelines import files
 from pipelines.args import PipelineArgs
+from pipelines.columns import SLICE
 from pipelines.files import Location, ParquetInput
-from pipelines.plan import SLICE_COLUMN, InputPlan, Slice, is_within
+from pipelines.plan import STAGING_SUFFIX, InputPlan, Slice, is_within
 from sentiment.errors import InvalidInputError, SentimentError
 
 MANIFEST = "_manifest.json"
@@ -43,7 +55,7 @@ _PREDICTION_FIELDS = (
     "chunk_stride",
 )
 # A partition Ray Data wrote, or a part file an earlier (interrupted) commit renamed it to.
-_STAGED = re.compile(rf"^(?:{SLICE_COLUMN}=(\d+-\d+)/[^/]+|part-(\d+)-(\d+)-[^/]*\.parquet)$")
+_STAGED = re.compile(rf"^(?:{SLICE}=(\d+-\d+)/[^/]+|part-(\d+)-(\d+)-[^/]*\.parquet)$")
 
 
 class BatchJobError(SentimentError):
@@ -74,7 +86,7 @@ def part_name(item: ParquetInput, piece: Slice, number: int) -> str:
 
 
 def _partition(staging: Location, piece: Slice) -> Location:
-    return staging.child(f"{SLICE_COLUMN}={piece.id}")
+    return staging.child(f"{SLICE}={piece.id}")
 
 
 def staged_outputs(staging: Location) -> dict[str, list[Location]]:
@@ -111,21 +123,65 @@ def pending_slices(staging: Location, plan: InputPlan) -> list[Slice]:
     return pending
 
 
-def check_output_location(args: PipelineArgs, output: Location, staging: Location) -> bool:
-    """Refuse to clobber results; return whether an interrupted run's staging directory is to be resumed."""
+class Start(enum.Enum):
+    """How a run begins, from what it finds at its output."""
+
+    FRESH = "fresh"
+    """Nothing to continue: the staging directory is made anew, every slice is scored."""
+    RESUME = "resume"
+    """``--resume`` of an interrupted run: the complete slices in its staging directory are kept."""
+    COMPLETE = "complete"
+    """``--resume`` of a finished output: nothing to do."""
+
+
+@dataclass(frozen=True)
+class RunState:
+    """Where a run writes, what it found there and what it does about it: decided once, before anything is scored."""
+
+    output: Location
+    staging: Location
+    """``OUTPUT.staging``: where results wait for the commit, and an interrupted run's for a resume."""
+    start: Start
+    manifest: Mapping[str, Any] = field(default_factory=dict)
+    """What this run reads and with what model (`manifest`); set by `prepare`."""
+    pending: tuple[Slice, ...] = ()
+    """The slices this run scores; set by `prepare`."""
+
+    @property
+    def resumed(self) -> bool:
+        return self.start is Start.RESUME
+
+    @property
+    def complete(self) -> bool:
+        return self.start is Start.COMPLETE
+
+
+def open_output(args: PipelineArgs) -> RunState:
+    """The run's output and staging locations and how it starts, from what is there; refuses to clobber results.
+
+    Needs no plan and no model, so a bad output fails before the model's config is read.
+    """
+    output = files.locate(args.output)
+    if output.path.strip("/") == "" or (output.scheme and "/" not in output.path.strip("/")):
+        raise InvalidInputError(f"output {args.output} must be a directory below a bucket or filesystem root")
+    staging = output.sibling(STAGING_SUFFIX)
     if output.filesystem.get_file_info(output.path).type == pafs.FileType.File:
         raise InvalidInputError(f"output {output.uri} is a file; give a directory")
     holds_results = bool(files.list_files(output))
     has_staging = files.exists(staging)
     if args.overwrite:
-        return False
+        return RunState(output, staging, Start.FRESH)
     if args.resume:
-        if not has_staging and holds_results and not files.exists(output.child(SUCCESS)):
+        if has_staging:
+            return RunState(output, staging, Start.RESUME)
+        if files.exists(output.child(SUCCESS)):
+            return RunState(output, staging, Start.COMPLETE)
+        if holds_results:
             raise InvalidInputError(
                 f"output {output.uri} holds files but no {SUCCESS} marker and there is no {staging.uri} "
                 "to resume; pass --overwrite to replace it"
             )
-        return has_staging
+        return RunState(output, staging, Start.FRESH)
     if holds_results:
         raise InvalidInputError(
             f"output {output.uri} already holds results; pass --overwrite to replace them "
@@ -136,10 +192,34 @@ def check_output_location(args: PipelineArgs, output: Location, staging: Locatio
             f"{staging.uri} holds the partial output of an interrupted run; pass --resume to continue it "
             "or --overwrite to start over"
         )
-    return False
+    return RunState(output, staging, Start.FRESH)
 
 
-def check_manifest(location: Location, expected: dict[str, Any], what: str, ignore: Sequence[str] = ()) -> None:
+def prepare(state: RunState, expected: Mapping[str, Any], plan: InputPlan) -> RunState:
+    """``state`` checked against this run's manifest (``expected``), its staging directory ready, its pending slices.
+
+    A complete output must hold the plan's rows; a resumed run's manifest must match (its incomplete
+    slices' partial outputs are deleted); a fresh run gets an empty staging directory with its manifest.
+    """
+    output, staging = state.output, state.staging
+    if state.start is Start.COMPLETE:
+        # Complete: how it was sliced no longer matters.
+        check_manifest(output.child(MANIFEST), expected, f"into {output.uri}", ignore=("rows_per_call",))
+        rows = complete_rows([entry for entry in files.list_files(output) if entry.path.endswith(".parquet")])
+        if rows != plan.rows:
+            raise BatchJobError(f"output {output.uri} holds {rows} rows but the inputs hold {plan.rows}")
+        return replace(state, manifest=expected, pending=())
+    if state.start is Start.RESUME and files.exists(staging.child(MANIFEST)):
+        check_manifest(staging.child(MANIFEST), expected, f"the interrupted run in {staging.uri}")
+        return replace(state, manifest=expected, pending=tuple(pending_slices(staging, plan)))
+    # An interrupted run that had not written its manifest had written nothing else either: start afresh.
+    files.delete(staging)
+    staging.filesystem.create_dir(staging.path, recursive=True)
+    files.write_text(staging.child(MANIFEST), _json(expected))
+    return replace(state, start=Start.FRESH, manifest=expected, pending=tuple(plan.slices))
+
+
+def check_manifest(location: Location, expected: Mapping[str, Any], what: str, ignore: Sequence[str] = ()) -> None:
     """Refuse to resume a run whose manifest differs from this one's (but for the ``ignore`` keys)."""
     try:
         found = json.loads(files.read_text(location))
@@ -154,27 +234,46 @@ def check_manifest(location: Location, expected: dict[str, Any], what: str, igno
             )
 
 
-def commit(staging: Location, output: Location, plan: InputPlan, report: dict[str, Any] | None = None) -> None:
-    """Rename partitions to flat part files, check every input's row count, then move staging to output.
+def commit(state: RunState, plan: InputPlan, report: Mapping[str, Any] | None = None) -> None:
+    """Check every input's row count in staging, then move each staged file once, to its name in the output.
 
-    ``report``, with the output's counted rows, goes into staging as `REPORT` after the check, so
-    it moves into place with the results it describes.
+    On local disk a rename is free and a directory moves whole: the files are renamed within staging,
+    which then replaces the output with one rename, so readers see all of it or nothing. On object
+    stores a rename is a copy and a delete: each file is moved straight into the output, the
+    `_SUCCESS` marker written last. ``report``, with the output's counted rows, is written after the
+    check, so it lands with the results it describes.
     """
-    inputs = {item.index: item for item in plan.inputs}
-    staged = staged_outputs(staging)
-    for piece in plan.slices:
-        partition = _partition(staging, piece)
-        entries = staged.get(piece.id, [])
-        fresh = [entry for entry in entries if is_within(entry.path, partition.path)]
-        if not fresh:
-            continue
-        # Parts renamed by an earlier, interrupted commit keep their numbers.
-        done = len(entries) - len(fresh)
-        for number, entry in enumerate(fresh, start=done):
-            files.move(entry, staging.child(part_name(inputs[piece.file], piece, number)))
-        files.delete(partition)
+    staging, output = state.staging, state.output
+    in_place = files.renames_directories(staging.filesystem)
+    moves = _output_names(staging, plan)
+    if in_place:
+        for source, name in moves:
+            files.move(source, staging.child(name))
+        for partition in sorted({source.path.rsplit("/", 1)[0] for source, _ in moves}):
+            files.delete(staging.at(partition))
+    output_rows, parts = _checked_rows(state, plan)
 
-    staged = staged_outputs(staging)
+    markers = {} if report is None else {REPORT: _json({**report, "output_rows": output_rows})}
+    markers[SUCCESS] = json.dumps({"rows": plan.rows, "files": parts}) + "\n"  # last: readers wait for it
+    if in_place:
+        for name, text in markers.items():
+            files.write_text(staging.child(name), text)
+        files.delete(output)
+        files.move(staging, output)
+        return
+    files.delete(output)
+    output.filesystem.create_dir(output.path, recursive=True)
+    for source, name in moves:
+        files.move(source, output.child(name))
+    # Written anew rather than moved: one copy fewer.
+    for name, text in {MANIFEST: _json(state.manifest), **markers}.items():
+        files.write_text(output.child(name), text)
+    files.delete(staging)
+
+
+def _checked_rows(state: RunState, plan: InputPlan) -> tuple[int, int]:
+    """Rows and files in staging; raises `BatchJobError` naming every input whose rows are not all there once."""
+    staged = staged_outputs(state.staging)
     counted: dict[int, int | None] = {item.index: 0 for item in plan.inputs}
     for piece in plan.slices:
         rows = complete_rows(staged.get(piece.id, []))
@@ -188,16 +287,29 @@ def commit(staging: Location, output: Location, plan: InputPlan, report: dict[st
     if mismatches:
         raise BatchJobError(
             f"output rows differ from input rows for {len(mismatches)} input file(s); nothing was moved to "
-            f"{output.uri}, the results stay in {staging.uri}:\n" + "\n".join(mismatches[:20])
+            f"{state.output.uri}, the results stay in {state.staging.uri}:\n" + "\n".join(mismatches[:20])
         )
-    output_rows = sum(rows or 0 for rows in counted.values())
-    parts = sum(len(entries) for entries in staged.values())
-    if report is not None:
-        files.write_text(staging.child(REPORT), json.dumps({**report, "output_rows": output_rows}, indent=2) + "\n")
-    files.write_text(staging.child(SUCCESS), json.dumps({"rows": plan.rows, "files": parts}) + "\n")
-    if files.exists(output):
-        files.delete(output)
-    files.move(staging, output)
+    return sum(rows or 0 for rows in counted.values()), sum(len(entries) for entries in staged.values())
+
+
+def _output_names(staging: Location, plan: InputPlan) -> list[tuple[Location, str]]:
+    """Each file Ray Data wrote into a slice's partition directory, and its name in the output (`part_name`).
+
+    Parts renamed by an earlier, interrupted commit keep their names; the new ones are numbered after them.
+    """
+    inputs = {item.index: item for item in plan.inputs}
+    staged = staged_outputs(staging)
+    names: list[tuple[Location, str]] = []
+    for piece in plan.slices:
+        entries = staged.get(piece.id, [])
+        fresh = [entry for entry in entries if is_within(entry.path, _partition(staging, piece).path)]
+        for number, entry in enumerate(fresh, start=len(entries) - len(fresh)):
+            names.append((entry, part_name(inputs[piece.file], piece, number)))
+    return names
+
+
+def _json(data: Mapping[str, Any]) -> str:
+    return json.dumps(data, indent=2) + "\n"
 
 
 def run_stats(outputs: Sequence[Location]) -> tuple[int, int, int]:

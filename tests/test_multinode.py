@@ -20,7 +20,8 @@ import pytest
 from benchmarks.corpus import write_corpus
 from deployments.builder import build_app
 from pipelines.args import PipelineArgs
-from pipelines.batch import STAGING_SUFFIX, run
+from pipelines.batch import run
+from pipelines.plan import STAGING_SUFFIX
 from sentiment.config import ModelConfig
 from sentiment.model import SentimentClassifier
 from sentiment.testing import free_port, wait_until

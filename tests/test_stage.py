@@ -15,7 +15,8 @@ import pyarrow as pa
 import pytest
 import torch
 
-from pipelines.stage import STAGE_COLUMNS, WINDOWS, ActorLog, ModelStage, TokenizeStage
+from pipelines.columns import STAGE_COLUMNS, WINDOWS
+from pipelines.stage import ActorLog, ModelStage, TokenizeStage
 from sentiment.config import ModelConfig
 from sentiment.errors import InvalidInputError
 from sentiment.model import SentimentClassifier

@@ -1,4 +1,4 @@
-"""The Ray Data batch job on a real local Ray with a tiny checkpoint.
+"""`pipelines.batch.run` end to end: the Ray Data batch job on a real local Ray with a tiny checkpoint.
 
 Outputs are always sorted by id before comparing: Ray Data does not keep row order.
 """
@@ -27,25 +27,14 @@ import torch
 
 from benchmarks.corpus import write_corpus
 from pipelines.args import PipelineArgs
-from pipelines.batch import (
-    STAGING_SUFFIX,
-    BatchJobError,
-    commit,
-    format_summary,
-    map_batches_options,
-    plan_inputs,
-    pool_sizes,
-    run,
-    with_labels,
-)
-from pipelines.dataset import TASK_CPUS, NodeShape
+from pipelines.batch import run
+from pipelines.plan import STAGING_SUFFIX
+from pipelines.report import format_summary
 from ray_sentiment.cli import main
 from sentiment.config import ModelConfig
-from sentiment.errors import InvalidInputError
 from sentiment.model import SentimentClassifier
 
 REPO = Path(__file__).resolve().parents[1]
-ABSENT_MODEL = ModelConfig(model_id="/nonexistent/model")
 OUTPUT_COLUMNS = [
     "id",
     "text",
@@ -305,193 +294,6 @@ def test_overwrite_replaces_results_with_the_kept_columns(
     assert not list(out.glob("*bad-rows*"))
 
 
-def test_map_batches_runs_the_shared_class_on_an_actor_pool(tiny_checkpoint: Path) -> None:
-    from ray.data import ActorPoolStrategy
-
-    args = PipelineArgs(
-        model=ModelConfig(model_id=str(tiny_checkpoint)),
-        input="in",
-        output="out",
-        min_actors=2,
-        max_actors=8,
-        num_gpus=0.25,
-        rows_per_call=128,
-        cpu_threads=2,
-    )
-    options = map_batches_options(args, pool_sizes(args, cluster_gpus=0, nodes=[NodeShape(4)]), actor_log=None)
-    compute = options.pop("compute")
-    assert isinstance(compute, ActorPoolStrategy)
-    assert (compute.min_size, compute.max_size) == (2, 8)
-    assert options == {
-        "fn_constructor_kwargs": {
-            "config": args.model.model_copy(update={"gpu_memory_fraction": 0.25}),
-            "actor_log": None,
-            "threads": 2,
-            "tokenize": False,  # GPU actors get token windows from the tokenize tasks
-        },
-        "batch_size": 128,  # map_batches' own name for rows per call
-        "batch_format": "pyarrow",
-        "num_cpus": 1.0,  # a GPU actor
-        "num_gpus": 0.25,
-        "udf_modifying_row_count": False,
-    }
-
-
-GIB = 2**30
-
-
-def test_default_pools_put_an_actor_on_every_core_and_one_on_every_gpu() -> None:
-    args = PipelineArgs(model=ABSENT_MODEL, input="in", output="out")
-    on_cpus = pool_sizes(args, cluster_gpus=0, nodes=[NodeShape(2, 16 * GIB)], calls=40, actor_bytes=0.6 * GIB)
-    assert (on_cpus.num_gpus, on_cpus.min_actors, on_cpus.max_actors, on_cpus.cpu_threads) == (0.0, 2, 2, 1)
-    # The actors leave one logical CPU to Ray Data's reads and writes.
-    assert on_cpus.num_cpus * 2 + TASK_CPUS == 2
-    # A job of one model call: one actor, with every core.
-    small = pool_sizes(args, 0, [NodeShape(2, 16 * GIB)], calls=1, actor_bytes=0.6 * GIB)
-    assert (small.max_actors, small.cpu_threads, small.num_cpus) == (1, 2, 1.0)
-    # Three CPU nodes: an actor per core of the smallest, on each.
-    three = pool_sizes(args, 0, [NodeShape(16), NodeShape(16), NodeShape(8)], calls=1000)
-    assert (three.min_actors, three.max_actors, three.cpu_threads) == (24, 24, 1)
-    # BERT-large in fp32 (1.8 GiB with its process) on 16 cores and 16 GiB: 7 copies, 2 threads each.
-    large = pool_sizes(args, 0, [NodeShape(16, 16 * GIB)], calls=1000, actor_bytes=1.8 * GIB)
-    assert (large.max_actors, large.cpu_threads) == (7, 2)
-    assert "7 per node by memory" in large.reason
-    on_gpus = pool_sizes(args, cluster_gpus=4, nodes=[NodeShape(8), NodeShape(32), NodeShape(32)])
-    assert (on_gpus.num_gpus, on_gpus.min_actors, on_gpus.max_actors, on_gpus.cpu_threads) == (1.0, 1, 4, None)
-    assert on_gpus.num_cpus == 1.0
-    # GPU nodes that start at zero: sized by what the autoscaler can add.
-    from_zero = pool_sizes(args.model_copy(update={"num_gpus": 1.0}), 0, [NodeShape(8)], launchable_gpus=4)
-    assert (from_zero.min_actors, from_zero.max_actors) == (1, 4)
-    # Flags win.
-    fixed = pool_sizes(
-        args.model_copy(update={"min_actors": 2, "max_actors": 2, "cpu_threads": 3, "num_cpus": 1.5}),
-        0,
-        [NodeShape(16)],
-        calls=1,
-    )
-    assert (fixed.min_actors, fixed.max_actors, fixed.cpu_threads, fixed.num_cpus) == (2, 2, 3, 1.5)
-    # --actors alone: the node's cores shared among them.
-    two = pool_sizes(args.model_copy(update={"max_actors": 4}), 0, [NodeShape(16)])
-    assert (two.min_actors, two.max_actors, two.cpu_threads) == (1, 4, 4)
-
-
-# -- checks that fail before any model loads (the model path does not even exist) ---------------
-
-
-def checked(tmp_path: Path, spec: str | list[str], **fields: Any) -> Any:
-    args = PipelineArgs(model=fields.pop("model", ABSENT_MODEL), input=spec, output=str(tmp_path / "out"), **fields)
-    return run(args)
-
-
-def test_missing_text_column_names_the_file_and_column(tmp_path: Path) -> None:
-    pq.write_table(pa.table({"id": [1], "review": ["fine"]}), tmp_path / "reviews.parquet")
-    with pytest.raises(InvalidInputError, match=r"reviews.parquet has no text column 'text'; its columns are"):
-        checked(tmp_path, str(tmp_path / "reviews.parquet"))
-    plan = plan_inputs(
-        PipelineArgs(model=ModelConfig(model_id="x"), text_column="review", input=str(tmp_path), output="o")
-    )
-    assert plan.read_columns == ["id", "review"]
-
-
-def test_a_file_that_is_not_parquet_is_named(tmp_path: Path) -> None:
-    write_corpus(tmp_path / "in", rows=4, files=1)
-    (tmp_path / "in" / "broken.parquet").write_bytes(b"PAR1 this is not parquet")
-    with pytest.raises(InvalidInputError, match=r"in/broken.parquet is not a readable Parquet file"):
-        checked(tmp_path, str(tmp_path / "in"))
-    (tmp_path / "notes.txt").write_text("a film")
-    with pytest.raises(InvalidInputError, match=r"notes.txt is not a readable Parquet file"):
-        checked(tmp_path, [str(tmp_path / "in" / "part-00000.parquet"), str(tmp_path / "notes.txt")])
-
-
-def test_empty_or_absent_inputs_are_refused(tmp_path: Path) -> None:
-    (tmp_path / "empty").mkdir()
-    with pytest.raises(InvalidInputError, match=r"input directory .*/empty holds no Parquet files"):
-        checked(tmp_path, str(tmp_path / "empty"))
-    with pytest.raises(InvalidInputError, match=r"input .*/absent does not exist"):
-        checked(tmp_path, str(tmp_path / "absent"))
-    with pytest.raises(InvalidInputError, match=r"input .*/empty/\*.parquet matches no files"):
-        checked(tmp_path, str(tmp_path / "empty" / "*.parquet"))
-    pq.write_table(pa.table({"text": pa.array([], pa.string())}), tmp_path / "empty" / "none.parquet")
-    with pytest.raises(InvalidInputError, match=r"has no rows \(1 file\(s\), all empty\)"):
-        checked(tmp_path, str(tmp_path / "empty"))
-
-
-def test_columns_that_cannot_be_read_together_are_named(tmp_path: Path) -> None:
-    pq.write_table(pa.table({"id": [1], "text": ["a"]}), tmp_path / "a.parquet")
-    pq.write_table(pa.table({"id": ["x"], "text": ["b"]}), tmp_path / "b.parquet")
-    with pytest.raises(InvalidInputError, match=r"b.parquet has column types that differ from .*a.parquet"):
-        checked(tmp_path, str(tmp_path))
-    with pytest.raises(InvalidInputError, match=r"a.parquet has no column 'title' \(from keep\)"):
-        checked(tmp_path, str(tmp_path), keep=["title"])
-    pq.write_table(pa.table({"__slice": ["/x"], "text": ["c"]}), tmp_path / "c.parquet")
-    with pytest.raises(InvalidInputError, match=r"input column '__slice' clashes with a column the batch job adds"):
-        checked(tmp_path, str(tmp_path / "c.parquet"))
-    pq.write_table(pa.table({"id": [2], "text": ["d"], "stars": [5]}), tmp_path / "d.parquet")
-    with pytest.raises(InvalidInputError, match=r"d.parquet has columns \['id', 'text', 'stars'\] but .*a.parquet has"):
-        checked(tmp_path, [str(tmp_path / "a.parquet"), str(tmp_path / "d.parquet")])
-    plan = plan_inputs(
-        PipelineArgs(
-            model=ABSENT_MODEL,
-            input=[str(tmp_path / "a.parquet"), str(tmp_path / "d.parquet")],
-            output="o",
-            keep=["id"],
-        )
-    )
-    assert plan.read_columns == ["id", "text"]
-
-
-def test_the_output_directory_is_never_read_as_input(tmp_path: Path) -> None:
-    write_corpus(tmp_path / "data", rows=6, files=2)
-    write_corpus(tmp_path / "data" / "scored", rows=3, files=1)
-    write_corpus(tmp_path / "data" / "scored.staging", rows=3, files=1)
-    args = PipelineArgs(model=ABSENT_MODEL, input=str(tmp_path / "data"), output=str(tmp_path / "data" / "scored"))
-    assert [Path(item.path).name for item in plan_inputs(args).inputs] == ["part-00000.parquet", "part-00001.parquet"]
-
-
-def test_globs_lists_and_directories_find_the_same_files(tmp_path: Path) -> None:
-    paths = write_corpus(tmp_path / "in" / "nested", rows=9, files=3)
-    (tmp_path / "in" / "_SUCCESS").write_text("")
-    (tmp_path / "in" / ".hidden.parquet").write_bytes(b"not read")
-    model = ModelConfig(model_id="x")
-    found = [
-        [item.path for item in plan_inputs(PipelineArgs(model=model, input=spec, output="o")).inputs]
-        for spec in (
-            str(tmp_path / "in"),
-            str(tmp_path / "in" / "**" / "*.parquet"),
-            [str(path) for path in paths],
-            f"file://{tmp_path}/in/nested/part-0000[0-2].parquet",
-        )
-    ]
-    assert found == [[str(path) for path in paths]] * 4
-
-
-def test_partial_output_of_an_interrupted_run_is_not_clobbered(tmp_path: Path) -> None:
-    write_corpus(tmp_path / "in", rows=4, files=1)
-    (tmp_path / ("out" + STAGING_SUFFIX)).mkdir()
-    with pytest.raises(InvalidInputError, match=r"holds the partial output of an interrupted run; pass --resume"):
-        checked(tmp_path, str(tmp_path / "in"))
-    (tmp_path / ("out" + STAGING_SUFFIX)).rmdir()
-    (tmp_path / "out").mkdir()
-    (tmp_path / "out" / "data.parquet").write_bytes(b"")
-    with pytest.raises(InvalidInputError, match=r"holds files but no _SUCCESS marker"):
-        checked(tmp_path, str(tmp_path / "in"), resume=True)
-
-
-def test_row_count_mismatch_fails_loudly_and_moves_nothing(tmp_path: Path) -> None:
-    write_corpus(tmp_path / "in", rows=10, files=1)
-    args = PipelineArgs(model=ABSENT_MODEL, input=str(tmp_path / "in"), output=str(tmp_path / "out"))
-    plan = with_labels(plan_inputs(args), ["neg", "pos"])
-    from pipelines.files import locate
-
-    staging = tmp_path / "out.staging"
-    (staging / "__slice=00000-00000").mkdir(parents=True)
-    pq.write_table(pa.table({"id": list(range(9))}), staging / "__slice=00000-00000" / "x-0.parquet")
-    with pytest.raises(BatchJobError, match=r"part-00000.parquet: 10 rows in, 9 out"):
-        commit(locate(str(staging)), locate(str(tmp_path / "out")), plan)
-    assert not (tmp_path / "out").exists()
-    assert [p.name for p in staging.iterdir()] == ["part-00000-00000-part-00000.parquet"]
-
-
 # -- resume after a real interruption --------------------------------------------------------------
 
 
@@ -569,47 +371,3 @@ def test_a_one_file_corpus_killed_midway_resumes_from_its_complete_slices(
     assert table.column("label").to_pylist() == [p.label for p in classifier.predict(texts)]
     assert not staging.exists()
     assert f"resumed: {done_before} of {slices} slices were already complete" in result.summary_line()
-
-
-def test_resuming_with_another_rows_per_call_is_refused_naming_the_one_to_give(
-    ray_session: Any, tmp_path: Path, tiny_checkpoint: Path
-) -> None:
-    write_corpus(tmp_path / "in", rows=20, files=1, seed=3)
-    from pipelines.staging import manifest
-
-    model = ModelConfig(model_id=str(tiny_checkpoint))
-    args = PipelineArgs(model=model, input=str(tmp_path / "in"), output=str(tmp_path / "out"), rows_per_call=4)
-    staging = tmp_path / ("out" + STAGING_SUFFIX)
-    staging.mkdir()
-    plan = with_labels(plan_inputs(args), ["neg", "pos"])
-    (staging / "_manifest.json").write_text(json.dumps(manifest(args, plan)))
-    refusal = r"its 'rows_per_call' differs .* pass --rows-per-call 4 or --overwrite"
-    with pytest.raises(InvalidInputError, match=refusal):
-        run(args.model_copy(update={"resume": True, "rows_per_call": 8}))
-
-
-def test_small_slices_share_a_model_call() -> None:
-    from pipelines.dataset import model_calls
-
-    assert model_calls([1024] * 39 + [64], 1024) == 40  # one 40,000-row file
-    assert model_calls([500] * 4, 1024) == 2  # four 500-row files: 1,500 rows, then 500
-    assert model_calls([80, 80, 86], 1024) == 1
-    assert model_calls([], 1024) == 0
-
-
-def test_gpu_actors_get_windows_from_tokenize_tasks_and_cpu_actors_tokenize_their_own(ray_session: Any) -> None:
-    import ray
-
-    from pipelines.dataset import build_pipeline
-
-    def stages(num_gpus: float) -> list[str]:
-        args = PipelineArgs(model=ABSENT_MODEL, input="in", output="out", num_gpus=num_gpus)
-        pool = pool_sizes(args, cluster_gpus=num_gpus, nodes=[NodeShape(8)], calls=4)
-        names, op = [], build_pipeline(ray.data.from_items([{"text": "x"}]), args, pool)._logical_plan.dag
-        while op.input_dependencies:
-            names.append(op.name)
-            (op,) = op.input_dependencies
-        return names[::-1]
-
-    assert stages(1) == ["MapBatches(tokenize)", "MapBatches(ModelStage)"]
-    assert stages(0) == ["MapBatches(ModelStage)"]

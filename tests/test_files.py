@@ -1,0 +1,79 @@
+"""`pipelines.files`: finding Parquet files, and moving results on local disk or through any pyarrow filesystem."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow.fs as pafs
+import pytest
+
+from benchmarks.corpus import write_corpus
+from pipelines import files
+from pipelines.args import PipelineArgs
+from pipelines.files import Location, RecordingHandler
+from pipelines.plan import plan_inputs
+from sentiment.config import ModelConfig
+from sentiment.errors import InvalidInputError
+
+
+def test_globs_lists_and_directories_find_the_same_files(tmp_path: Path) -> None:
+    paths = write_corpus(tmp_path / "in" / "nested", rows=9, files=3)
+    (tmp_path / "in" / "_SUCCESS").write_text("")
+    (tmp_path / "in" / ".hidden.parquet").write_bytes(b"not read")
+    model = ModelConfig(model_id="x")
+    specs: list[str | list[str]] = [
+        str(tmp_path / "in"),
+        str(tmp_path / "in" / "**" / "*.parquet"),
+        [str(path) for path in paths],
+        f"file://{tmp_path}/in/nested/part-0000[0-2].parquet",
+    ]
+    found = [
+        [item.path for item in plan_inputs(PipelineArgs(model=model, input=spec, output="o")).inputs] for spec in specs
+    ]
+    assert found == [[str(path) for path in paths]] * 4
+    assert [item.path for item in files.list_parquet(str(tmp_path / "in"))] == [str(path) for path in paths]
+
+
+def test_locations_name_children_and_siblings_on_the_same_filesystem(tmp_path: Path) -> None:
+    output = files.locate(str(tmp_path / "out"))
+    assert isinstance(output.filesystem, pafs.LocalFileSystem)
+    assert (output.child("_SUCCESS").path, output.sibling(".staging").path) == (
+        f"{tmp_path}/out/_SUCCESS",
+        f"{tmp_path}/out.staging",
+    )
+    remote = files.locate(f"file://{tmp_path}/out/")
+    assert (remote.path, remote.uri) == (f"{tmp_path}/out", f"file://{tmp_path}/out")
+    with pytest.raises(InvalidInputError, match=r"cannot open nope://x"):
+        files.locate("nope://x/y")
+
+
+def test_a_recorded_filesystem_passes_calls_on_and_lists_the_ones_that_change_storage(tmp_path: Path) -> None:
+    handler = RecordingHandler(pafs.LocalFileSystem())
+    root = Location(pafs.PyFileSystem(handler), str(tmp_path))
+    # Not a local filesystem to the job: it is moved as an object store is, file by file.
+    assert files.renames_directories(pafs.LocalFileSystem())
+    assert not files.renames_directories(root.filesystem)
+    root.filesystem.create_dir(root.child("a").path, recursive=True)
+    files.write_text(root.child("a/x.txt"), "x")
+    files.write_text(root.child("a/y.txt"), "y")
+    files.move(root.child("a"), root.child("b"))
+    assert files.read_text(root.child("b/x.txt")) == "x"
+    assert [path.path for path in files.list_files(root)] == [f"{tmp_path}/b/x.txt", f"{tmp_path}/b/y.txt"]
+    assert handler.count("move") == 2
+    assert handler.count("copy_file") == 0
+    assert handler.calls[-3:] == [
+        ("move", f"{tmp_path}/a/x.txt", f"{tmp_path}/b/x.txt"),
+        ("move", f"{tmp_path}/a/y.txt", f"{tmp_path}/b/y.txt"),
+        ("delete_dir", f"{tmp_path}/a"),
+    ]
+
+
+def test_on_local_disk_a_directory_moves_with_one_rename(tmp_path: Path) -> None:
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "x.txt").write_text("x")
+    files.move(files.locate(str(tmp_path / "a")), files.locate(str(tmp_path / "deeper" / "b")))
+    assert (tmp_path / "deeper" / "b" / "x.txt").read_text() == "x"
+    assert not (tmp_path / "a").exists()
+    files.delete(files.locate(str(tmp_path / "deeper")))
+    files.delete(files.locate(str(tmp_path / "absent")))  # nothing there: nothing to do
+    assert list(tmp_path.iterdir()) == []
