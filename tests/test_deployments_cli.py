@@ -20,10 +20,10 @@ import httpx
 import pytest
 import yaml
 
-from benchmarks.common import popen_interruptible
 from deployments.cli import command_from_args
 from ray_sentiment.cli import build_parser, main
 from sentiment.cli import load_config_file
+from sentiment.testing import popen_interruptible
 
 REPO = Path(__file__).resolve().parents[1]
 SERVE_YAML = REPO / "deployments" / "serve.yaml"

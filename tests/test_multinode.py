@@ -17,12 +17,12 @@ import httpx
 import pyarrow.parquet as pq
 import pytest
 
-from benchmarks.corpus import write_corpus
 from deployments.app import build_app
 from pipelines.args import PipelineArgs
 from pipelines.batch import STAGING_SUFFIX, run
 from sentiment.config import ModelConfig
 from sentiment.model import SentimentClassifier
+from sentiment.testing import write_corpus
 from tests.test_deployments import free_port, replica_states, wait_until
 
 pytestmark = pytest.mark.multinode

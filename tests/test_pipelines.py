@@ -25,7 +25,6 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from benchmarks.corpus import write_corpus
 from pipelines.args import PipelineArgs, parse_pipeline_args
 from pipelines.batch import (
     STAGING_SUFFIX,
@@ -43,6 +42,7 @@ from ray_sentiment.cli import main
 from sentiment.config import ModelConfig
 from sentiment.errors import InvalidInputError
 from sentiment.model import SentimentClassifier
+from sentiment.testing import write_corpus
 
 REPO = Path(__file__).resolve().parents[1]
 ABSENT_MODEL = ModelConfig(model_id="/nonexistent/model")
