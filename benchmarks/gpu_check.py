@@ -58,7 +58,7 @@ from benchmarks.harness import (
     work_offline,
     write_json,
 )
-from benchmarks.run import forward_flops
+from benchmarks.run import against_fp32, forward_flops
 from sentiment.testing import make_reviews
 
 REPLICAS = 4
@@ -118,16 +118,7 @@ def precision(setup: Setup) -> dict[str, Any]:
         )
         del classifier
         _free_cuda()
-    reference = probabilities["fp32"]
-    against = {
-        dtype: {
-            "max_abs_dp": float(np.abs(values - reference).max()),
-            "identical_labels": float((values.argmax(axis=1) == reference.argmax(axis=1)).mean()),
-        }
-        for dtype, values in probabilities.items()
-        if dtype != "fp32"
-    }
-    return {"reviews": len(texts), "auto_outside_ray": resolved, "against_fp32": against}
+    return {"reviews": len(texts), "auto_outside_ray": resolved, "against_fp32": against_fp32(probabilities)}
 
 
 def model_only(setup: Setup) -> dict[str, Any]:

@@ -60,29 +60,26 @@ def running_replicas(app: str) -> float:
 
 
 def run_record(name: str, load: Load, max_replicas: int) -> dict[str, Any]:
-    failures = dict(load.failures)
+    """A run's figures: answered requests (``requests``), the 503s by who sent them, any other outcome."""
+    other = dict(load.failures)
+    shed = {"shed_by_replica": other.pop("503 replica", 0), "shed_by_proxy": other.pop("503 proxy", 0)}
+    windows = load.windows(WINDOW_S)
     return {
         "name": name,
-        "clients": load.clients,
-        "seconds": round(load.seconds, 2),
-        "answered": len(load.answered),
-        "answered_per_s": round(len(load.answered) / load.seconds, 2),
-        "p50_ms": load.latency_ms(50),
-        "p99_ms": load.latency_ms(99),
-        "shed_by_replica": failures.pop("503 replica", 0),
-        "shed_by_proxy": failures.pop("503 proxy", 0),
-        "other_statuses": failures,
+        **load.summary(),
+        **shed,
+        "other_statuses": other,
         "max_replicas": max_replicas,
-        "windows": load.windows(WINDOW_S),
+        "windows": windows,
     }
 
 
 def report(runs: list[dict[str, Any]], setup: str) -> str:
-    peak = runs[0]["answered_per_s"] or float("nan")
+    peak = runs[0]["requests_per_s"] or float("nan")
     header = ["run", "clients", "answered/s", "vs peak", "p50 ms", "p99 ms", "503 replica", "503 proxy", "other"]
     rows = [
         [
-            *(run["name"], run["clients"], f"{run['answered_per_s']:.1f}", f"{run['answered_per_s'] / peak:.2f}x"),
+            *(run["name"], run["clients"], f"{run['requests_per_s']:.1f}", f"{run['requests_per_s'] / peak:.2f}x"),
             *(f"{run['p50_ms']:.0f}", f"{run['p99_ms']:.0f}", run["shed_by_replica"], run["shed_by_proxy"]),
             ", ".join(f"{k}: {v}" for k, v in run["other_statuses"].items()) or "none",
             run["max_replicas"],

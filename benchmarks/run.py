@@ -137,6 +137,19 @@ def forward_flops(model: Any, lengths: Sequence[int]) -> float:
     return float(sum(2 * weights * n + 4 * layers * hidden * n * n for n in lengths))
 
 
+def against_fp32(probabilities: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
+    """Each precision's class probabilities (reviews x labels) against fp32's on the same inputs."""
+    reference = probabilities["fp32"]
+    return {
+        dtype: {
+            "max_abs_dp": float(np.abs(values - reference).max()),
+            "identical_labels": float((values.argmax(axis=1) == reference.argmax(axis=1)).mean()),
+        }
+        for dtype, values in probabilities.items()
+        if dtype != "fp32"
+    }
+
+
 def run_baseline(checkpoint: Path, corpus: Path, device: str = "cpu") -> tuple[float, list[str]]:
     """Seconds and labels (in corpus id order) of the plain pipeline loop, in fp32 on ``device``."""
     import torch
@@ -252,6 +265,38 @@ def render(rows: list[Row], flops_per_token: float | None = None, peak_tflops: f
     return markdown_table(header, lines, right=[4, 5, 6, 7, 8, 9, 10] + ([12] if mfu else []))
 
 
+def ceilings(checkpoint: Path, texts: list[str], dtypes: Sequence[str], budgets: Sequence[int], device: str) -> Any:
+    """Part 1: a ceiling row per precision, the probabilities for the precision table, FLOPs per token."""
+    rows, probabilities, flops_per_token = [], {}, 0.0
+    for dtype in dtypes:
+        best = ceiling(checkpoint, texts, dtype, budgets, device)
+        tokens, probabilities[dtype] = sum(best.lengths), best.probabilities
+        flops_per_token = best.flops / tokens
+        sampled = ", ".join(f"{b}: {s:.0f}" for b, s in best.sample_speeds.items())
+        setting = f"budget {best.budget}"
+        rows.append(Row("ceiling", "model forward only", dtype, setting, best.seconds, len(texts), tokens))
+        rows[-1].extra["sampled_tokens_per_s_by_budget"] = sampled
+        print(f"ceiling {dtype}: {tokens / best.seconds:.0f} tokens/s at {setting} ({sampled})", flush=True)
+    return rows, probabilities, flops_per_token
+
+
+def offline(checkpoint: Path, corpus: Path, tokens: int, dtypes: Sequence[str], options: Any) -> list[Row]:
+    """Part 2: the fp32 pipeline, then the batch job per precision, with label agreement; Ray must be up."""
+    texts, device, fits = len(options.lengths), options.device, [n <= 512 for n in options.lengths]
+    seconds, baseline_labels = run_baseline(checkpoint, corpus, device)
+    baseline = f"baseline: transformers.pipeline, batch_size={BASELINE_BATCH_SIZE}"
+    rows = [Row("offline", baseline, "fp32", "truncation=True", seconds, texts, tokens)]
+    for dtype in dtypes:
+        output, gpus = Path(options.out).resolve() / f"scored-{dtype}", 1 if device == "cuda" else 0
+        result, labels = run_job(checkpoint, corpus, output, dtype, options.threads, gpus)
+        same = sum(a == b for a, b, fit in zip(labels, baseline_labels, fits, strict=True) if fit)
+        setting = f"1 actor, budget auto ({auto_max_batch_tokens(device, dtype)})"
+        rows.append(Row("offline", "ours: sentiment batch", dtype, setting, result.seconds, texts, tokens))
+        rows[-1].labels = f"{same}/{sum(fits)} = baseline (reviews <= 512 tokens)"
+        print(f"offline {dtype}: {result.summary_line()}", flush=True)
+    return rows
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse_parser()
     options = parser.parse_args(argv)
@@ -280,58 +325,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     options.lengths = [int(n) for n in review_lengths(options.rows, seed=0)]
     texts = pq.read_table(corpus).sort_by("id").column("text").to_pylist()
 
-    # 1. Ceiling, and the precision comparison on the same windows.
-    rows, ceiling_spt, probabilities = [], {}, {}
-    for dtype in dtypes:
-        best = ceiling(checkpoint, texts, dtype, budgets, device)
-        total_tokens = sum(best.lengths)
-        flops_per_token = best.flops / total_tokens
-        ceiling_spt[dtype], probabilities[dtype] = best.seconds / total_tokens, best.probabilities
-        sampled = ", ".join(f"{b}: {s:.0f}" for b, s in best.sample_speeds.items())
-        rows.append(
-            Row("ceiling", "model forward only", dtype, f"budget {best.budget}", best.seconds, len(texts), total_tokens)
-        )
-        rows[-1].extra["sampled_tokens_per_s_by_budget"] = sampled
-        print(
-            f"ceiling {dtype}: {total_tokens / best.seconds:.0f} tokens/s at budget {best.budget} ({sampled})",
-            flush=True,
-        )
-
-    # 2. Offline, then 3. online, on one local Ray.
-    fits = [n <= 512 for n in options.lengths]
+    rows, probabilities, flops_per_token = ceilings(checkpoint, texts, dtypes, budgets, device)
+    tokens = rows[0].tokens
     with local_ray(num_cpus=os.cpu_count(), num_gpus=torch.cuda.device_count() if device == "cuda" else 0):
-        baseline_seconds, baseline_labels = run_baseline(checkpoint, corpus, device)
-        baseline = f"baseline: transformers.pipeline, batch_size={BASELINE_BATCH_SIZE}"
-        rows.append(Row("offline", baseline, "fp32", "truncation=True", baseline_seconds, len(texts), total_tokens))
-        for dtype in dtypes:
-            job_gpus = 1 if device == "cuda" else 0
-            result, labels = run_job(checkpoint, corpus, out / f"scored-{dtype}", dtype, options.threads, job_gpus)
-            same = sum(a == b for a, b, fit in zip(labels, baseline_labels, fits, strict=True) if fit)
-            setting = f"1 actor, budget auto ({auto_max_batch_tokens(device, dtype)})"
-            rows.append(
-                Row("offline", "ours: sentiment batch", dtype, setting, result.seconds, len(texts), total_tokens)
-            )
-            rows[-1].labels = f"{same}/{sum(fits)} = baseline (reviews <= 512 tokens)"
-            print(f"offline {dtype}: {result.summary_line()}", flush=True)
+        rows += offline(checkpoint, corpus, tokens, dtypes, options)
         if options.levels:
             with serve_on_loopback() as port:
                 rows += online(port, checkpoint, texts, dtypes, ["fp32"], options)
-
+    ceiling_spt = {row.dtype: row.seconds / row.tokens for row in rows if row.part == "ceiling"}
+    baseline = next(row for row in rows if row.part == "offline")
     for row in rows:
         row.ceiling_seconds_per_token = ceiling_spt[row.dtype]
         if row.part != "online":
-            row.baseline_seconds_per_token = baseline_seconds / total_tokens
+            row.baseline_seconds_per_token = baseline.seconds / tokens
     precision = markdown_table(
         ["precision", "max abs probability difference vs fp32", "identical labels vs fp32"],
-        [
-            [
-                d,
-                f"{np.abs(p - probabilities['fp32']).max():.4f}",
-                f"{(p.argmax(1) == probabilities['fp32'].argmax(1)).mean():.1%}",
-            ]
-            for d, p in probabilities.items()
-            if d != "fp32"
-        ],
+        [[d, f"{a['max_abs_dp']:.4f}", f"{a['identical_labels']:.1%}"] for d, a in against_fp32(probabilities).items()],
         right=[1, 2],
     )
     peak = options.peak_tflops or peak_tflops(device)
@@ -344,7 +353,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"torch {facts['torch']}, ray {facts['ray']}. **Load average** (1/5/15 min) {before} at the start, "
         f"{after} at the end. **Run time** {time.perf_counter() - started:.0f} s.\n\n"
         f"```bash\n{facts['command']}\n```\n\n"
-        f"{len(texts)} reviews, {total_tokens} model tokens ({sum(not f for f in fits)} reviews cut to 512), "
+        f"{len(texts)} reviews, {tokens} model tokens ({sum(n > 512 for n in options.lengths)} reviews cut to 512), "
         f"random-weight {options.size} checkpoint, {options.threads} torch threads. Ceiling budgets tried "
         f"(model tokens/s on a {SAMPLE_WINDOWS}-review sample): {sampled}.\n\n"
         f"{render(rows, flops_per_token if peak else None, peak)}\n\n{precision}\n"
