@@ -290,7 +290,7 @@ def replica_infos(base: str, replicas: int, timeout_s: float) -> dict[str, dict[
     import httpx
 
     def info(_: int) -> dict[str, Any] | None:
-        with contextlib.suppress(httpx.HTTPError):
+        with contextlib.suppress(Exception):  # a replica restarting, a proxy hiccup: ask again
             response = client.get(f"{base}/info")
             return response.json() if response.status_code == 200 else None
         return None
@@ -328,29 +328,6 @@ def pipeline_baseline(checkpoint: Path, dtype: str, device: str, resources: dict
         PipelineBaseline, name="PipelineBaseline", num_replicas=1, ray_actor_options=resources
     )
     return deployment.bind(str(checkpoint), dtype, device)
-
-
-def load_each(
-    port: int,
-    apps: Sequence[tuple[str, Any, str]],
-    payloads: Sequence[dict[str, Any]],
-    levels: Sequence[int],
-    duration_s: float,
-    max_requests: int | None = None,
-) -> dict[tuple[str, int], Load]:
-    """Each ``(name, app, path)`` deployed in turn and loaded by `closed_loop` at each client count.
-
-    One app at a time, so each has the machine to itself; every request cycles through the same
-    ``payloads``; each level starts with as many untimed requests as it has clients.
-    """
-    loads = {}
-    for name, app, path in apps:
-        with deployed(app, name, port, path) as url:
-            for clients in levels:
-                load = asyncio.run(closed_loop(url, payloads, clients, duration_s, max_requests, warmup=clients))
-                loads[name, clients] = load
-                print(json.dumps({"system": name, **load.summary()}), flush=True)
-    return loads
 
 
 # -- closed-loop HTTP load ------------------------------------------------------------------------
@@ -478,6 +455,29 @@ async def closed_loop(
         await asyncio.gather(*(client() for _ in range(clients)))
         load.seconds = time.perf_counter() - start
     return load
+
+
+def load_each(
+    port: int,
+    apps: Sequence[tuple[str, Any, str]],
+    payloads: Sequence[dict[str, Any]],
+    levels: Sequence[int],
+    duration_s: float,
+    max_requests: int | None = None,
+) -> dict[tuple[str, int], Load]:
+    """Each ``(name, app, path)`` deployed in turn and loaded by `closed_loop` at each client count.
+
+    One app at a time, so each has the machine to itself; every request cycles through the same
+    ``payloads``; each level starts with as many untimed requests as it has clients.
+    """
+    loads = {}
+    for name, app, path in apps:
+        with deployed(app, name, port, path) as url:
+            for clients in levels:
+                load = asyncio.run(closed_loop(url, payloads, clients, duration_s, max_requests, warmup=clients))
+                loads[name, clients] = load
+                print(json.dumps({"system": name, **load.summary()}), flush=True)
+    return loads
 
 
 # -- reports --------------------------------------------------------------------------------------
