@@ -1,9 +1,9 @@
 """``python -m benchmarks MODE [options]``: every benchmark behind one command.
 
-Each mode is a module of this package with its own options (``python -m benchmarks MODE --help``);
-they share the corpus (`benchmarks.corpus`), the random-weight checkpoints and machine facts
-(`benchmarks.common`) and the closed-loop load code (`benchmarks.serve_bench`), and write their
-figures into ``benchmarks/RESULTS.md`` by hand or (``run``) by themselves.
+Each mode is a module of this package with its own options (``python -m benchmarks MODE --help``),
+a short function over one harness (`benchmarks.harness`: machine facts, checkpoints and corpora,
+processes, Serve apps, closed-loop load, tables). Their figures go into ``benchmarks/RESULTS.md``
+by hand or (``run``) by themselves.
 """
 
 from __future__ import annotations
@@ -14,12 +14,10 @@ from collections.abc import Sequence
 
 MODES = {
     "run": ("benchmarks.run", "model-only ceiling, offline and online side by side, one table"),
-    "offline": ("benchmarks.offline_bench", "sentiment batch: pipeline overhead, the user's comparison, kill+resume"),
-    "batch": ("benchmarks.batch_bench", "the Ray Data pipeline against one process, in-job rows/s"),
+    "offline": ("benchmarks.offline_bench", "sentiment batch as a process: pipeline overhead, the user's comparison"),
     "online": ("benchmarks.serve_bench", "the endpoint against a per-request transformers.pipeline deployment"),
     "overload": ("benchmarks.overload_bench", "4x the saturating concurrency, with and without shedding"),
     "gpu-check": ("benchmarks.gpu_check", "the GPU verification script (precision, MFU, replicas, batch, OOM)"),
-    "compile-probe": ("benchmarks.compile_probe", "torch.compile against eager on one batch shape"),
     "corpus": ("benchmarks.corpus", "write the synthetic IMDB-length corpus as Parquet"),
 }
 

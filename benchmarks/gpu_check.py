@@ -3,7 +3,7 @@
     python -m benchmarks.gpu_check --out DIR [--dry-run] [--rows N] [--clients 16,64] [--duration 15]
 
 On one random-weight BERT-large checkpoint built here (`sentiment.testing.make_checkpoint`) and one
-synthetic corpus of IMDB-length reviews (`benchmarks.corpus`), each step runs the shipped code:
+synthetic corpus of IMDB-length reviews (`sentiment.testing`), each step runs the shipped code:
 
 1. **precision**: `SentimentClassifier` in fp32, bf16 and fp16 on the same reviews: max |Δp| and
    the share of identical labels against fp32, and what ``device/dtype: auto`` resolve to;
@@ -28,15 +28,10 @@ every step on the CPU with a tiny checkpoint and 300 reviews (the OOM is injecte
 from __future__ import annotations
 
 import argparse
-import datetime
+import asyncio
 import json
 import os
-import shlex
-import signal
-import statistics
-import subprocess
 import sys
-import threading
 import time
 import traceback
 from collections.abc import Callable, Sequence
@@ -46,12 +41,26 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.common import ensure_checkpoint, free_port, popen_interruptible
-from benchmarks.corpus import make_reviews, write_corpus
-from benchmarks.run import forward_flops, peak_tflops
-from benchmarks.serve_bench import closed_loop, summarize
+from benchmarks.harness import (
+    Background,
+    Sampler,
+    closed_loop,
+    ensure_checkpoint,
+    ensure_corpus,
+    free_port,
+    gpu_busy_percent,
+    machine,
+    markdown_table,
+    peak_tflops,
+    replica_infos,
+    run_timed,
+    sentiment_command,
+    work_offline,
+    write_json,
+)
+from benchmarks.run import against_fp32, forward_flops
+from sentiment.testing import make_reviews
 
-REPO = Path(__file__).resolve().parents[1]
 REPLICAS = 4
 # Targets of the GPU path issue, judged on a real card only.
 TARGET_MFU = 0.50
@@ -60,6 +69,7 @@ PRECISION_REVIEWS = 512
 MODEL_ONLY_REVIEWS = 2048
 GPU_BUDGETS = (16384, 32768, 65536)
 CPU_BUDGETS = (512, 1024)
+REPLICA_KEYS = ("device", "dtype", "replica_gpus", "reserved_gpus", "gpu_memory_fraction", "gpu_memory_cap_bytes")
 
 
 @dataclass
@@ -108,16 +118,7 @@ def precision(setup: Setup) -> dict[str, Any]:
         )
         del classifier
         _free_cuda()
-    reference = probabilities["fp32"]
-    against = {
-        dtype: {
-            "max_abs_dp": float(np.abs(values - reference).max()),
-            "identical_labels": float((values.argmax(axis=1) == reference.argmax(axis=1)).mean()),
-        }
-        for dtype, values in probabilities.items()
-        if dtype != "fp32"
-    }
-    return {"reviews": len(texts), "auto_outside_ray": resolved, "against_fp32": against}
+    return {"reviews": len(texts), "auto_outside_ray": resolved, "against_fp32": against_fp32(probabilities)}
 
 
 def model_only(setup: Setup) -> dict[str, Any]:
@@ -190,8 +191,6 @@ def model_only(setup: Setup) -> dict[str, Any]:
 
 def online(setup: Setup) -> dict[str, Any]:
     """``sentiment serve`` with 4 replicas (0.25 GPU each on a card), closed-loop clients at each level."""
-    import asyncio
-
     port = free_port()
     config = setup.out / "serve.yaml"
     # num_gpus stays auto: on a machine with a GPU it must resolve to 0.25. On the CPU (dry run),
@@ -203,37 +202,25 @@ def online(setup: Setup) -> dict[str, Any]:
             {"model": {"model_id": str(setup.checkpoint)}, "num_replicas": REPLICAS, "ray_actor_options": actor_options}
         )
     )
-    argv = [sys.executable, "-m", "ray_sentiment", "serve", "--config", str(config), "--port", str(port)]
+    argv = sentiment_command("serve", "--config", str(config), "--port", str(port))
     base = f"http://127.0.0.1:{port}"
     with Background(argv, setup.out / "serve.log") as server:
         server.wait_for("Serving ", timeout_s=420)
-        replicas = replica_infos(base, timeout_s=120)
+        replicas = replica_infos(base, REPLICAS, timeout_s=120)
         texts = make_reviews(512, seed=3)
         payloads = [{"texts": [text]} for text in texts]
         levels = []
         for clients in setup.clients:
-            measured = asyncio.run(
-                closed_loop(f"{base}/v1/classify", payloads, clients, 10**9, setup.duration, clients)
-            )
-            levels.append(asdict(summarize("ours", "auto", clients, measured)))
-        after = replica_infos(base, timeout_s=120)
+            load = asyncio.run(closed_loop(f"{base}/v1/classify", payloads, clients, setup.duration, warmup=clients))
+            levels.append({"system": "ours", "dtype": "auto", **load.summary()})
+        after = replica_infos(base, REPLICAS, timeout_s=120)
     under_cap = {
         replica: info["gpu_memory_cap_bytes"] is None or info["gpu_memory_peak_bytes"] <= info["gpu_memory_cap_bytes"]
         for replica, info in after.items()
     }
     return {
         "replicas": {
-            replica: {
-                key: info[key]
-                for key in (
-                    "device",
-                    "dtype",
-                    "replica_gpus",
-                    "reserved_gpus",
-                    "gpu_memory_fraction",
-                    "gpu_memory_cap_bytes",
-                )
-            }
+            replica: {key: info[key] for key in REPLICA_KEYS}
             | {"gpu_memory_peak_bytes": after.get(replica, {}).get("gpu_memory_peak_bytes")}
             for replica, info in replicas.items()
         },
@@ -247,24 +234,9 @@ def online(setup: Setup) -> dict[str, Any]:
 def offline(setup: Setup) -> dict[str, Any]:
     """``sentiment batch`` with its shipped defaults over the corpus, GPU busy % sampled meanwhile."""
     output = setup.out / "scored"
-    argv = [
-        sys.executable,
-        "-m",
-        "ray_sentiment",
-        "batch",
-        str(setup.corpus),
-        str(output),
-        "--model",
-        str(setup.checkpoint),
-    ]
-    argv.append("--overwrite")
-    sampler = GpuSampler(enabled=not setup.dry_run)
-    started = time.perf_counter()
-    with sampler, Background(argv, setup.out / "batch.log") as job:
-        code = job.wait(timeout_s=480)
-    seconds = time.perf_counter() - started
-    if code != 0:
-        raise RuntimeError(f"sentiment batch exited with {code}; see {setup.out / 'batch.log'}")
+    argv = sentiment_command("batch", str(setup.corpus), str(output), "--model", str(setup.checkpoint), "--overwrite")
+    with Sampler(gpu_busy_percent, interval_s=0.5, enabled=not setup.dry_run) as sampler:
+        seconds = run_timed(argv, setup.out / "batch.log", timeout_s=480)
     report = json.loads((output / "_report.json").read_text())
     return {
         "rows": report["processed_rows"],
@@ -288,10 +260,7 @@ def oom(setup: Setup) -> dict[str, Any]:
     argv = [sys.executable, "-m", "benchmarks.gpu_check", "--oom-probe", str(setup.checkpoint), "--out", str(result)]
     if setup.dry_run:
         argv.append("--dry-run")
-    with Background(argv, setup.out / "oom.log") as probe:
-        code = probe.wait(timeout_s=300)
-    if code != 0:
-        raise RuntimeError(f"the OOM probe exited with {code}; see {setup.out / 'oom.log'}")
+    run_timed(argv, setup.out / "oom.log", timeout_s=300)
     return dict(json.loads(result.read_text()))
 
 
@@ -335,19 +304,11 @@ def oom_probe(checkpoint: Path, result: Path, dry_run: bool) -> None:
         capped._forward_batch = forward  # type: ignore[method-assign]
         injected = True
     got = [p.label for p in capped.predict(texts)]
-    result.write_text(
-        json.dumps(
-            {
-                "injected": injected,
-                "reviews": len(texts),
-                "splits": capped.oom_splits,
-                "identical_labels": sum(a == b for a, b in zip(got, want, strict=True)) / len(want),
-                "gpu_memory_cap_bytes": capped.gpu_memory_cap_bytes,
-                "gpu_memory_peak_bytes": capped.peak_gpu_memory_bytes(),
-                "weights_bytes": weights,
-            }
-        )
-    )
+    figures = {"injected": injected, "reviews": len(texts), "splits": capped.oom_splits}
+    figures["identical_labels"] = sum(a == b for a, b in zip(got, want, strict=True)) / len(want)
+    figures["gpu_memory_cap_bytes"] = capped.gpu_memory_cap_bytes
+    figures["gpu_memory_peak_bytes"] = capped.peak_gpu_memory_bytes()
+    write_json(result, {**figures, "weights_bytes": weights})
 
 
 STEPS: dict[str, Callable[[Setup], dict[str, Any]]] = {
@@ -418,123 +379,84 @@ def run_steps(setup: Setup, names: Sequence[str]) -> list[Step]:
 
 
 def render(setup: Setup, steps: list[Step], machine: dict[str, Any]) -> str:
-    by_name = {step.name: step for step in steps}
-    dry = " (DRY RUN on the CPU: no GPU figures)" if setup.dry_run else ""
-    lines = [
-        f"GPU check, {machine['date']}, {machine['gpu']}{dry}",
-        f"`{machine['command']}`; torch {machine['torch']}, ray {machine['ray']}, "
-        f"{setup.size} checkpoint (random weights)",
-        "",
-        "| step | figure | value | target |",
-        "|---|---|---|---|",
-    ]
-
-    def row(step: str, figure: str, value: str, target: str = "") -> None:
-        lines.append(f"| {step} | {figure} | {value} | {target} |")
+    """The report: who ran what where, and one table of figures, each with its target where it has one."""
+    results = {step.name: step.result for step in steps if step.result}
+    ok = {step.name: step.ok for step in steps}
 
     def judged(met: bool) -> str:
         return "n/a (dry run)" if setup.dry_run else ("met" if met else "MISSED")
 
-    for step in steps:
-        if not step.ok:
-            row(step.name, "FAILED", str(step.error).replace("|", "/"))
-    precision_step = by_name.get("precision")
-    if precision_step and precision_step.result:
-        r = precision_step.result
-        auto = r["auto_outside_ray"]
-        row("precision", "auto outside Ray", f"{auto['device']}, {auto['dtype']}")
-        for dtype, against in r["against_fp32"].items():
-            row(
+    def tokens_per_s(value: float, mfu: float | None) -> str:
+        return f"{value:,.0f} tokens/s" + (f", MFU {mfu:.1%}" if mfu is not None else "")
+
+    rows = [[step.name, "FAILED", str(step.error).replace("|", "/"), ""] for step in steps if not step.ok]
+    if r := results.get("precision"):
+        rows.append(
+            [
                 "precision",
-                f"{dtype} vs fp32 ({r['reviews']} reviews)",
-                f"max abs dp {against['max_abs_dp']:.4f}, identical labels {against['identical_labels']:.1%}",
-                "reported",
-            )
-    model_step = by_name.get("model_only")
-    if model_step and model_step.result:
-        r = model_step.result
-        for budget, figures in r["budgets"].items():
-            mfu = f", MFU {figures['mfu']:.1%}" if figures["mfu"] is not None else ""
-            row(
-                "model-only",
-                f"{r['dtype']}, budget {budget}",
-                f"{figures['tokens_per_s']:,.0f} tokens/s{mfu}, padding {figures['padding_share']:.1%}",
-            )
-        mfu = r["mfu"]
-        row(
-            "model-only",
-            f"best ({r['best_budget']})",
-            f"{r['tokens_per_s']:,.0f} tokens/s" + (f", MFU {mfu:.1%}" if mfu is not None else ""),
-            f">= {TARGET_MFU:.0%} MFU: {judged(mfu is not None and mfu >= TARGET_MFU)}",
+                "auto outside Ray",
+                f"{r['auto_outside_ray']['device']}, {r['auto_outside_ray']['dtype']}",
+                "",
+            ]
         )
-        bare_mfu = r["bare_forward_mfu"]
-        row(
-            "model-only",
-            "bare forward passes (tensors on the device)",
-            f"{r['bare_forward_tokens_per_s']:,.0f} tokens/s"
-            + (f", MFU {bare_mfu:.1%}" if bare_mfu is not None else ""),
-            "host work = the gap to the row above",
+        for dtype, against in r["against_fp32"].items():
+            value = f"max abs dp {against['max_abs_dp']:.4f}, identical labels {against['identical_labels']:.1%}"
+            rows.append(["precision", f"{dtype} vs fp32 ({r['reviews']} reviews)", value, "reported"])
+    if r := results.get("model_only"):
+        for budget, f in r["budgets"].items():
+            value = f"{tokens_per_s(f['tokens_per_s'], f['mfu'])}, padding {f['padding_share']:.1%}"
+            rows.append(["model-only", f"{r['dtype']}, budget {budget}", value, ""])
+        target = f">= {TARGET_MFU:.0%} MFU: {judged(r['mfu'] is not None and r['mfu'] >= TARGET_MFU)}"
+        rows.append(["model-only", f"best ({r['best_budget']})", tokens_per_s(r["tokens_per_s"], r["mfu"]), target])
+        bare = tokens_per_s(r["bare_forward_tokens_per_s"], r["bare_forward_mfu"])
+        rows.append(
+            ["model-only", "bare forward passes (tensors on the device)", bare, "host work = the gap to the row above"]
         )
-    online_step = by_name.get("online")
-    if online_step and online_step.result:
-        r = online_step.result
+    if r := results.get("online"):
         for replica, info in sorted(r["replicas"].items()):
-            cap = info["gpu_memory_cap_bytes"]
-            peak = info["gpu_memory_peak_bytes"]
+            cap, peak = info["gpu_memory_cap_bytes"], info["gpu_memory_peak_bytes"]
             memory = f"cap {_gib(cap)}, peak {_gib(peak)}" if cap is not None else "no cap"
-            row(
-                "online",
-                f"replica {replica}",
-                f"{info['device']}, {info['dtype']}, {info['replica_gpus']} GPU, {memory}",
-            )
-        row(
-            "online",
-            "replicas serving",
-            f"{r['replicas_serving']} of {REPLICAS}",
-            f"all {REPLICAS}: {judged(r['replicas_serving'] == REPLICAS)}",
-        )
+            value = f"{info['device']}, {info['dtype']}, {info['replica_gpus']} GPU, {memory}"
+            rows.append(["online", f"replica {replica}", value, ""])
+        serving = r["replicas_serving"]
+        target = f"all {REPLICAS}: {judged(serving == REPLICAS)}"
+        rows.append(["online", "replicas serving", f"{serving} of {REPLICAS}", target])
         for level in r["levels"]:
-            row(
-                "online",
-                f"{level['clients']} clients, 1 review per request",
-                f"{level['requests_per_s']:.1f} requests/s, p50 {level['p50_ms']:.0f} ms, "
-                f"p99 {level['p99_ms']:.0f} ms, {level['errors']} errors",
+            value = (
+                f"{level['requests_per_s']:.1f} requests/s, p50 {level['p50_ms']:.0f} ms, p99 {level['p99_ms']:.0f} ms"
             )
-    offline_step = by_name.get("offline")
-    if offline_step and offline_step.result:
-        r = offline_step.result
-        busy = r["gpu_busy"]
+            rows.append(
+                [
+                    "online",
+                    f"{level['clients']} clients, 1 review per request",
+                    f"{value}, {level['errors']} errors",
+                    "",
+                ]
+            )
+    if r := results.get("offline"):
         actors = ", ".join(sorted({f"{a['device']} {a['dtype']}" for a in r["actors"]}))
-        row("offline", "actors", f"{len(r['actors'])} at {r['num_gpus_per_actor']} GPU each: {actors}")
-        row(
-            "offline",
-            f"sentiment batch, {r['rows']:,} reviews, defaults",
-            f"{r['reviews_per_s_in_job']:,.0f} reviews/s in the job, "
-            f"{r['reviews_per_s_whole_process']:,.0f} whole process",
-            f">= {TARGET_REVIEWS_PER_S:,.0f}/s: {judged(r['reviews_per_s_in_job'] >= TARGET_REVIEWS_PER_S)}",
+        rows.append(["offline", "actors", f"{len(r['actors'])} at {r['num_gpus_per_actor']} GPU each: {actors}", ""])
+        value = f"{r['reviews_per_s_in_job']:,.0f} reviews/s in the job, "
+        value += f"{r['reviews_per_s_whole_process']:,.0f} whole process"
+        target = f">= {TARGET_REVIEWS_PER_S:,.0f}/s: {judged(r['reviews_per_s_in_job'] >= TARGET_REVIEWS_PER_S)}"
+        rows.append(["offline", f"sentiment batch, {r['rows']:,} reviews, defaults", value, target])
+        busy = r["gpu_busy"]
+        value = f"mean {busy['mean']:.0f}%, max {busy['max']:.0f}% ({busy['samples']} samples)"
+        rows.append(
+            ["offline", "GPU busy (nvidia-smi, whole process)", value if busy["samples"] else "not sampled", ""]
         )
-        row(
-            "offline",
-            "GPU busy (nvidia-smi, whole process)",
-            "not sampled"
-            if busy["samples"] == 0
-            else f"mean {busy['mean']:.0f}%, max {busy['max']:.0f}% ({busy['samples']} samples)",
-        )
-    oom_step = by_name.get("oom")
-    if oom_step and oom_step.result:
-        r = oom_step.result
-        how = (
-            "injected at _forward_batch"
-            if r["injected"]
-            else f"cap {_gib(r['gpu_memory_cap_bytes'])}, peak {_gib(r['gpu_memory_peak_bytes'])}"
-        )
-        row(
-            "oom",
-            f"forced OOM ({how})",
-            f"{r['splits']} splits, labels identical {r['identical_labels']:.1%}",
-            "survived" if oom_step.ok else "FAILED",
-        )
-    return "\n".join(lines) + "\n"
+    if r := results.get("oom"):
+        how = "injected at _forward_batch"
+        if not r["injected"]:
+            how = f"cap {_gib(r['gpu_memory_cap_bytes'])}, peak {_gib(r['gpu_memory_peak_bytes'])}"
+        value = f"{r['splits']} splits, labels identical {r['identical_labels']:.1%}"
+        rows.append(["oom", f"forced OOM ({how})", value, "survived" if ok["oom"] else "FAILED"])
+    dry = " (DRY RUN on the CPU: no GPU figures)" if setup.dry_run else ""
+    header = (
+        f"GPU check, {machine['date']}, {machine['gpu']}{dry}\n`{machine['command']}`; torch {machine['torch']}, "
+        f"ray {machine['ray']}, {setup.size} checkpoint (random weights)\n\n"
+    )
+    return header + markdown_table(["step", "figure", "value", "target"], rows) + "\n"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -547,8 +469,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--steps", default=",".join(STEPS), help=f"comma-separated subset of {', '.join(STEPS)}")
     parser.add_argument("--oom-probe", metavar="CHECKPOINT", help=argparse.SUPPRESS)
     options = parser.parse_args(argv)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    work_offline()
 
     if options.oom_probe:
         oom_probe(Path(options.oom_probe), Path(options.out), options.dry_run)
@@ -569,9 +490,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     rows = options.rows or (300 if options.dry_run else 12000)
     size = "tiny" if options.dry_run else "large"
-    corpus = out / f"corpus-{rows}"
-    if not corpus.exists():
-        write_corpus(corpus, rows=rows, files=4, seed=0)
+    corpus = ensure_corpus(out / f"corpus-{rows}", rows, files=4)
     setup = Setup(
         out=out,
         dry_run=options.dry_run,
@@ -582,145 +501,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         clients=tuple(int(c) for c in options.clients.split(",")),
         duration=options.duration or (5.0 if options.dry_run else 15.0),
     )
-    import ray
-
-    machine = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU",
-        "torch": torch.__version__,
-        "ray": ray.__version__,
-        "command": "python -m benchmarks.gpu_check " + shlex.join(sys.argv[1:] if argv is None else list(argv)),
-    }
+    facts = machine("benchmarks.gpu_check", argv)
     started = time.perf_counter()
     steps = run_steps(setup, names)
-    table = render(setup, steps, machine)
+    table = render(setup, steps, facts)
     (out / "gpu_check.md").write_text(table)
-    (out / "gpu_check.json").write_text(
-        json.dumps(
-            {
-                **machine,
-                "dry_run": setup.dry_run,
-                "rows": setup.rows,
-                "seconds": time.perf_counter() - started,
-                "steps": [asdict(step) for step in steps],
-            },
-            indent=2,
-            default=str,
-        )
-    )
+    seconds = time.perf_counter() - started
+    report = {**facts, "dry_run": setup.dry_run, "rows": setup.rows, "seconds": seconds}
+    write_json(out / "gpu_check.json", {**report, "steps": [asdict(step) for step in steps]})
     print(table)
     return 0 if all(step.ok for step in steps) else 1
 
 
 # -- helpers ---------------------------------------------------------------------------------------
-
-
-class Background:
-    """A child process with its output in a log file; stopped with Ctrl-C (then killed) on exit."""
-
-    def __init__(self, argv: list[str], log: Path) -> None:
-        self.argv = argv
-        self.log = log
-
-    def __enter__(self) -> Background:
-        environment = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-        environment["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), environment.get("PYTHONPATH")]))
-        self._file = self.log.open("w")
-        self.process = popen_interruptible(
-            self.argv, cwd=REPO, env=environment, stdout=self._file, stderr=subprocess.STDOUT
-        )
-        return self
-
-    def wait_for(self, text: str, timeout_s: float) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if text in self.log.read_text(errors="replace"):
-                return
-            if self.process.poll() is not None:
-                raise RuntimeError(f"{self.argv[2:4]} exited with {self.process.returncode}: {self._tail()}")
-            time.sleep(1)
-        raise TimeoutError(f"no {text!r} from {self.argv[2:4]} within {timeout_s:.0f} s: {self._tail()}")
-
-    def wait(self, timeout_s: float) -> int:
-        return self.process.wait(timeout=timeout_s)
-
-    def _tail(self) -> str:
-        return self.log.read_text(errors="replace")[-2000:]
-
-    def __exit__(self, *exc: object) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGINT)
-            try:
-                self.process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self._file.close()
-
-
-class GpuSampler:
-    """Samples ``nvidia-smi``'s GPU utilization every half second while in use."""
-
-    def __init__(self, enabled: bool) -> None:
-        self.enabled = enabled
-        self.samples: list[float] = []
-        self._stop = threading.Event()
-
-    def __enter__(self) -> GpuSampler:
-        if self.enabled:
-            self._thread = threading.Thread(target=self._run, daemon=True)
-            self._thread.start()
-        return self
-
-    def _run(self) -> None:
-        while not self._stop.wait(0.5):
-            try:
-                output = subprocess.run(
-                    ["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits"],
-                    capture_output=True,
-                    text=True,
-                    timeout=5,
-                    check=True,
-                ).stdout
-                self.samples.append(float(output.split()[0]))
-            except (OSError, subprocess.SubprocessError, ValueError, IndexError):
-                return
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        if self.enabled:
-            self._thread.join(timeout=10)
-
-    def summary(self) -> dict[str, float]:
-        if not self.samples:
-            return {"samples": 0, "mean": float("nan"), "max": float("nan")}
-        return {"samples": len(self.samples), "mean": statistics.fmean(self.samples), "max": max(self.samples)}
-
-
-def replica_infos(base: str, timeout_s: float) -> dict[str, dict[str, Any]]:
-    """``/info`` of every replica: concurrent requests until the 4 replica ids have answered (or time is up)."""
-    import httpx
-
-    seen: dict[str, dict[str, Any]] = {}
-    deadline = time.monotonic() + timeout_s
-    with httpx.Client(timeout=30) as client:
-        while len(seen) < REPLICAS and time.monotonic() < deadline:
-            threads = [threading.Thread(target=lambda: _info_into(client, base, seen)) for _ in range(4 * REPLICAS)]
-            for thread in threads:
-                thread.start()
-            for thread in threads:
-                thread.join()
-    return seen
-
-
-def _info_into(client: Any, base: str, seen: dict[str, dict[str, Any]]) -> None:
-    try:
-        response = client.get(f"{base}/info")
-    except Exception:
-        return
-    if response.status_code == 200:
-        info = response.json()
-        seen[str(info.get("replica"))] = info
 
 
 def _synchronize(device: str) -> None:

@@ -3,15 +3,17 @@
     python -m benchmarks.run [--rows 300] [--size base] [--dtypes fp32,bf16] [--duration 15]
                              [--concurrency 1,4,16] [--out benchmarks/out/run] [--results benchmarks/RESULTS.md]
 
-On one synthetic corpus with IMDB-like lengths (`benchmarks.corpus`) and one random-weight
-checkpoint (`sentiment.testing.make_checkpoint`, no network), in one run:
+On one synthetic corpus with IMDB-like lengths and one random-weight checkpoint
+(`sentiment.testing`, no network), in one run:
 
 1. **ceiling**: `SentimentClassifier.forward` alone on the corpus, pre-tokenized and length-sorted,
    at the best of a few token budgets (chosen on a sample): the most this machine gives this model;
-2. **offline**: `pipelines.batch.run` (what ``sentiment batch`` runs) against
-   ``transformers.pipeline("text-classification", batch_size=16, truncation=True)`` in fp32;
+2. **offline**: `pipelines.batch.run` (what ``sentiment batch`` runs, one actor) against
+   ``transformers.pipeline("text-classification", batch_size=16, truncation=True)`` in fp32, with
+   label agreement on the reviews that fit in 512 tokens (longer ones differ by design: the
+   baseline keeps the head, the job head and tail);
 3. **online**: the Serve app (`deployments.app.build_app`) against a Serve deployment that calls
-   the pipeline once per request (`benchmarks.serve_bench.PipelineBaseline`, fp32), closed-loop
+   the pipeline once per request (`benchmarks.harness.PipelineBaseline`, fp32), closed-loop
    clients at each concurrency level, one text per request.
 
 Throughput is in model tokens (what the model sees: each review cut to 512 tokens), the same count
@@ -23,11 +25,8 @@ with the machine, the load average and the command, as a dated section of ``--re
 
 from __future__ import annotations
 
-import asyncio
-import datetime
-import json
+import argparse
 import os
-import shlex
 import sys
 import time
 from collections.abc import Sequence
@@ -38,21 +37,33 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
-from benchmarks.batch_bench import BASELINE_BATCH_SIZE, agreement, run_baseline, run_job
-from benchmarks.common import cpu_name, cpu_supports_bf16, ensure_checkpoint, start_serve
-from benchmarks.corpus import write_corpus
-from benchmarks.serve_bench import PipelineBaseline, closed_loop, summarize
+from benchmarks.harness import (
+    cpu_supports_bf16,
+    ensure_checkpoint,
+    ensure_corpus,
+    load_each,
+    local_ray,
+    machine,
+    markdown_table,
+    peak_tflops,
+    pipeline_baseline,
+    ratio,
+    serve_on_loopback,
+    timed,
+    work_offline,
+    write_json,
+    write_section,
+)
 from sentiment.config import auto_max_batch_tokens
+from sentiment.testing import review_lengths
 
-SECTION_START = "<!-- benchmarks.run: start -->"
-SECTION_END = "<!-- benchmarks.run: end -->"
+SECTION = "benchmarks.run"
 # Forward budgets tried for the ceiling: on a CPU one review at a time (512 fits any single window),
 # the budgets 'auto' picks there, and bigger batches; on a GPU, 'auto' (16384) and around it.
 CANDIDATE_BUDGETS = {"cpu": (512, 1024, 2048, 4096, 8192), "cuda": (4096, 16384, 65536)}
 SAMPLE_WINDOWS = 48
 DEFAULT_DTYPES = {"cpu": "fp32,bf16", "cuda": "fp32,bf16,fp16"}
-# Dense bf16/fp16 tensor-core peaks (TFLOP/s) by GPU name, for MFU; --peak-tflops overrides.
-PEAK_TFLOPS = {"H200": 989.4, "H100": 989.4, "A100": 312.0}
+BASELINE_BATCH_SIZE = 16
 
 
 @dataclass
@@ -73,10 +84,6 @@ class Row:
     p99_ms: float | None = None
     labels: str = "-"
     extra: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def texts_per_s(self) -> float:
-        return self.texts / self.seconds
 
     @property
     def tokens_per_s(self) -> float:
@@ -105,22 +112,18 @@ def ceiling(checkpoint: Path, texts: list[str], dtype: str, budgets: Sequence[in
     classifier = SentimentClassifier(ModelConfig(model_id=str(checkpoint), dtype=dtype, device=device))  # type: ignore[arg-type]
     windows = [window for text in classifier.encode(texts) for window in text.windows]
     lengths = [len(window) for window in windows]
-    step = max(1, len(windows) // SAMPLE_WINDOWS)
-    sample = windows[::step][:SAMPLE_WINDOWS]
-    sample_tokens = sum(len(window) for window in sample)
+    sample = windows[:: max(1, len(windows) // SAMPLE_WINDOWS)][:SAMPLE_WINDOWS]
     classifier.warmup()
     speeds: dict[int, float] = {}
     for budget in budgets:
         classifier.forward_max_tokens = budget
-        started = time.perf_counter()
-        classifier.forward(sample)
-        speeds[budget] = sample_tokens / (time.perf_counter() - started)
-    best = max(speeds, key=lambda budget: speeds[budget])
-    classifier.forward_max_tokens = best
-    started = time.perf_counter()
-    probabilities = classifier.forward(windows)
-    seconds = time.perf_counter() - started
-    return Ceiling(seconds, best, probabilities, lengths, speeds, forward_flops(classifier.model, lengths))
+        with timed() as took:
+            classifier.forward(sample)
+        speeds[budget] = sum(map(len, sample)) / took.seconds
+    classifier.forward_max_tokens = best = max(speeds, key=lambda budget: speeds[budget])
+    with timed() as took:
+        probabilities = classifier.forward(windows)
+    return Ceiling(took.seconds, best, probabilities, lengths, speeds, forward_flops(classifier.model, lengths))
 
 
 def forward_flops(model: Any, lengths: Sequence[int]) -> float:
@@ -134,366 +137,257 @@ def forward_flops(model: Any, lengths: Sequence[int]) -> float:
     return float(sum(2 * weights * n + 4 * layers * hidden * n * n for n in lengths))
 
 
+def against_fp32(probabilities: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
+    """Each precision's class probabilities (reviews x labels) against fp32's on the same inputs."""
+    reference = probabilities["fp32"]
+    return {
+        dtype: {
+            "max_abs_dp": float(np.abs(values - reference).max()),
+            "identical_labels": float((values.argmax(axis=1) == reference.argmax(axis=1)).mean()),
+        }
+        for dtype, values in probabilities.items()
+        if dtype != "fp32"
+    }
+
+
+def run_baseline(checkpoint: Path, corpus: Path, device: str = "cpu") -> tuple[float, list[str]]:
+    """Seconds and labels (in corpus id order) of the plain pipeline loop, in fp32 on ``device``."""
+    import torch
+    from transformers import pipeline
+
+    with timed() as took:
+        texts = pq.read_table(corpus).sort_by("id").column("text").to_pylist()
+        classify = pipeline("text-classification", model=str(checkpoint), dtype=torch.float32, device=device)
+        outputs = classify(texts, batch_size=BASELINE_BATCH_SIZE, truncation=True)
+    # The checkpoint's id2label is LABEL_0/LABEL_1, which the job reports as neg/pos.
+    return took.seconds, [{"LABEL_0": "neg", "LABEL_1": "pos"}[output["label"]] for output in outputs]
+
+
+def run_job(checkpoint: Path, corpus: Path, output: Path, dtype: str, threads: int, num_gpus: float) -> Any:
+    """The batch job's result (shipped defaults, one actor holding ``num_gpus``) and its labels by id."""
+    from pipelines.args import PipelineArgs
+    from pipelines.batch import run
+    from sentiment.config import ModelConfig
+
+    args = PipelineArgs(
+        model=ModelConfig(model_id=str(checkpoint), dtype=dtype),  # type: ignore[arg-type]
+        input=str(corpus),
+        output=str(output),
+        overwrite=True,
+        # One actor using every core: on a small machine two actors would split the same cores and
+        # each pay for its own model copy. num_cpus 1 leaves a Ray CPU for the read and write tasks.
+        min_actors=1,
+        max_actors=1,
+        num_cpus=1,
+        num_gpus=num_gpus,
+        cpu_threads=threads,
+    )
+    result = run(args)
+    return result, pq.read_table(output).sort_by("id").column("label").to_pylist()
+
+
 def online(
+    port: int,
     checkpoint: Path,
     texts: list[str],
-    model_tokens: list[int],
     dtypes: Sequence[str],
-    levels: Sequence[int],
-    duration: float,
-    device: str = "cpu",
-    replicas: int = 1,
+    baselines: Sequence[str],
+    options: Any,
+    texts_per_request: int = 1,
+    max_requests: int | None = None,
 ) -> list[Row]:
-    """Closed-loop runs of the fp32 per-request baseline and of our app per precision, at each level.
+    """Closed-loop runs of the per-request baseline in each of ``baselines`` and of our app in each of
+    ``dtypes``, at each ``options.levels`` client count; ``texts`` have `review_lengths(len(texts), seed)`.
 
-    On a GPU the baseline holds the whole card and our app runs ``replicas`` replicas sharing it.
+    On a GPU the baseline holds the whole card and our app runs ``options.replicas`` replicas sharing
+    it. Each of our rows is compared with the baseline of its precision at its level, or else fp32's.
     """
-    import ray
-    from ray import serve
+    from deployments.builder import build_app
 
-    from deployments.app import build_app
-
-    cpus = os.cpu_count() or 1
-    gpu = device == "cuda"
-    resources = {"num_cpus": cpus, "num_gpus": 1 if gpu else 0}
-    replica_resources = {"num_cpus": max(1, cpus // replicas), "num_gpus": 1 / replicas if gpu else 0}
-    payloads = [{"texts": [text]} for text in texts]
-    if not ray.is_initialized():
-        ray.init(num_cpus=cpus, num_gpus=_gpus(device), include_dashboard=False, log_to_driver=False)
-    port = start_serve()
-    rows: list[Row] = []
-    systems: list[tuple[str, str, Any, str]] = [
-        (
-            "baseline",
-            "fp32",
-            serve.deployment(
-                PipelineBaseline, name="PipelineBaseline", num_replicas=1, ray_actor_options=resources
-            ).bind(str(checkpoint), "fp32", device),
-            "",
-        )
-    ]
+    cpus, gpu, replicas = os.cpu_count() or 1, options.device == "cuda", options.replicas
+    whole = {"num_cpus": cpus, "num_gpus": 1 if gpu else 0}
+    apps = [(f"baseline-{d}", pipeline_baseline(checkpoint, d, options.device, whole), "") for d in baselines]
     for dtype in dtypes:
-        app = build_app(
-            {
-                # The shipped defaults (auto forward budget, batching limits), only the model and
-                # resources set: the table measures what a user gets.
-                "model": {"model_id": str(checkpoint), "dtype": dtype},
-                "num_replicas": replicas,
-                "ray_actor_options": replica_resources,
-            }
-        )
-        systems.append(("ours", dtype, app, "/v1/classify"))
-    try:
-        for system, dtype, app, path in systems:
-            serve.run(app, name=system, route_prefix=f"/{system}")
-            url = f"http://127.0.0.1:{port}/{system}{path}"
-            for clients in levels:
-                measured = asyncio.run(closed_loop(url, payloads, clients, 10**9, duration, clients))
-                result = summarize(system, dtype, clients, measured)
-                # Requests go out in corpus order, cycling, so the answered ones are (nearly) a prefix.
-                tokens = sum(model_tokens[i % len(texts)] for i in range(result.texts))
-                label = "baseline: pipeline per request" if system == "baseline" else "ours: Serve app"
-                budget = f", budget auto ({auto_max_batch_tokens(device, dtype)})" if system == "ours" else ""
-                if system == "ours" and replicas > 1:
-                    budget += f", {replicas} replicas"
-                rows.append(
-                    Row(
-                        "online",
-                        label,
-                        dtype,
-                        f"{clients} clients{budget}",
-                        result.seconds,
-                        result.texts,
-                        tokens,
-                        p50_ms=result.p50_ms,
-                        p95_ms=result.p95_ms,
-                        p99_ms=result.p99_ms,
-                        extra={"errors": result.errors},
-                    )
-                )
-                print(json.dumps(asdict(result)), flush=True)
-            serve.delete(system)
-    finally:
-        serve.shutdown()
+        # The shipped defaults (auto forward budget, batching limits), only the model and resources
+        # set: the table measures what a user gets.
+        resources = {"num_cpus": max(1, cpus // replicas), "num_gpus": 1 / replicas if gpu else 0}
+        args = {"model": {"model_id": str(checkpoint), "dtype": dtype}, "num_replicas": replicas}
+        args |= {"ray_actor_options": resources, "max_texts_per_request": max(64, texts_per_request)}
+        apps.append((f"ours-{dtype}", build_app(args), "/v1/classify"))
+    per = texts_per_request
+    payloads = [{"texts": texts[i : i + per]} for i in range(0, len(texts) - per + 1, per)]
+    # Model tokens of each text (each review cut to 512) as sent: cycling, so answered texts are (nearly) a prefix.
+    sent = [min(n, 512) for n in options.lengths[: len(payloads) * per]]
+    rows, loads = [], load_each(port, apps, payloads, options.levels, options.duration, max_requests)
+    for (name, clients), load in loads.items():
+        system, dtype = name.split("-")
+        setting = f"{clients} clients"
+        if system == "ours":
+            setting += f", budget auto ({auto_max_batch_tokens(options.device, dtype)})"
+            setting += f", {replicas} replicas" if replicas > 1 else ""
+        tokens = sum(sent[i % len(sent)] for i in range(load.texts))
+        summary = load.summary()
+        latencies = {key: summary[key] for key in ("p50_ms", "p95_ms", "p99_ms")}
+        label = "baseline: pipeline per request" if system == "baseline" else "ours: Serve app"
+        rows.append(Row("online", label, dtype, setting, load.seconds, load.texts, tokens, **latencies))
+        rows[-1].extra = {"errors": load.errors, "requests": summary["requests"], "clients": clients}
+    for row in rows:
+        clients = row.extra["clients"]
+        same = [r for r in rows if r.system.startswith("baseline") and r.extra["clients"] == clients]
+        base = next((r for r in same if r.dtype == row.dtype), next((r for r in same if r.dtype == "fp32"), None))
+        if base is not None:
+            row.baseline_seconds_per_token = base.seconds / base.tokens
+            if base is not row:
+                row.labels = f"p99 {ratio(row.p99_ms, base.p99_ms)} baseline's"
     return rows
 
 
-def ratio(value: float | None, reference: float | None) -> str:
-    return f"{value / reference:.2f}x" if value and reference else "-"
-
-
 def render(rows: list[Row], flops_per_token: float | None = None, peak_tflops: float | None = None) -> str:
-    """The table; with a peak (a GPU), an MFU column for the bf16/fp16 rows."""
-    # Fraction of the peak per model token/s; None (no MFU column) without a peak.
-    mfu_per_token = (
-        flops_per_token / (peak_tflops * 1e12) if flops_per_token is not None and peak_tflops is not None else None
-    )
-    mfu = mfu_per_token is not None
-    lines = [
-        "| part | system | precision | setting | texts/s | model tokens/s | of ceiling | vs fp32 baseline "
-        "| p50 ms | p95 ms | p99 ms | labels |" + (" MFU |" if mfu else ""),
-        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|" + ("---:|" if mfu else ""),
-    ]
+    """The table; with a peak (a GPU), an MFU column for the bf16/fp16 rows.
+
+    "vs baseline": offline and for the ceiling, the fp32 pipeline; online, the per-request
+    deployment at the same concurrency (in the same precision where one ran, else fp32).
+    """
+    mfu = flops_per_token / (peak_tflops * 1e12) if flops_per_token is not None and peak_tflops else None
+    header = ["part", "system", "precision", "setting", "texts/s", "model tokens/s", "of ceiling"]
+    header += ["vs baseline", "p50 ms", "p95 ms", "p99 ms", "labels"] + (["MFU"] if mfu else [])
+    lines = []
     for row in rows:
-        baseline_speed = 1 / row.baseline_seconds_per_token if row.baseline_seconds_per_token else None
+        baseline = 1 / row.baseline_seconds_per_token if row.baseline_seconds_per_token else None
         of_ceiling = f"{row.tokens_per_s * row.ceiling_seconds_per_token:.0%}" if row.ceiling_seconds_per_token else "-"
-        lines.append(
-            f"| {row.part} | {row.system} | {row.dtype} | {row.setting} | {row.texts_per_s:.2f} "
-            f"| {row.tokens_per_s:.0f} | {of_ceiling} | {ratio(row.tokens_per_s, baseline_speed)} "
-            f"| {_ms(row.p50_ms)} | {_ms(row.p95_ms)} | {_ms(row.p99_ms)} | {row.labels} |"
-        )
-        if mfu_per_token is not None:
-            tensor_core = row.dtype in ("bf16", "fp16")
-            lines[-1] += f" {row.tokens_per_s * mfu_per_token:.1%} |" if tensor_core else " - |"
-    return "\n".join(lines)
+        latencies = ["-" if value is None else f"{value:.0f}" for value in (row.p50_ms, row.p95_ms, row.p99_ms)]
+        cells = [row.part, row.system, row.dtype, row.setting, f"{row.texts / row.seconds:.2f}"]
+        cells += [f"{row.tokens_per_s:.0f}", of_ceiling, ratio(row.tokens_per_s, baseline), *latencies, row.labels]
+        if mfu:
+            # fp32 does not run on the bf16/fp16 tensor-core peak.
+            cells.append(f"{row.tokens_per_s * mfu:.1%}" if row.dtype in ("bf16", "fp16") else "-")
+        lines.append(cells)
+    return markdown_table(header, lines, right=[4, 5, 6, 7, 8, 9, 10] + ([12] if mfu else []))
 
 
-def _ms(value: float | None) -> str:
-    return "-" if value is None else f"{value:.0f}"
+def ceilings(checkpoint: Path, texts: list[str], dtypes: Sequence[str], budgets: Sequence[int], device: str) -> Any:
+    """Part 1: a ceiling row per precision, the probabilities for the precision table, FLOPs per token."""
+    rows, probabilities, flops_per_token = [], {}, 0.0
+    for dtype in dtypes:
+        best = ceiling(checkpoint, texts, dtype, budgets, device)
+        tokens, probabilities[dtype] = sum(best.lengths), best.probabilities
+        flops_per_token = best.flops / tokens
+        sampled = ", ".join(f"{b}: {s:.0f}" for b, s in best.sample_speeds.items())
+        setting = f"budget {best.budget}"
+        rows.append(Row("ceiling", "model forward only", dtype, setting, best.seconds, len(texts), tokens))
+        rows[-1].extra["sampled_tokens_per_s_by_budget"] = sampled
+        print(f"ceiling {dtype}: {tokens / best.seconds:.0f} tokens/s at {setting} ({sampled})", flush=True)
+    return rows, probabilities, flops_per_token
 
 
-def write_section(path: Path, section: str) -> None:
-    """Replace this script's section of ``path`` (between its markers), or append one."""
-    text = path.read_text() if path.exists() else "# Benchmark results\n"
-    block = f"{SECTION_START}\n{section.rstrip()}\n{SECTION_END}"
-    if SECTION_START in text and SECTION_END in text:
-        head, rest = text.split(SECTION_START, 1)
-        text = head + block + rest.split(SECTION_END, 1)[1]
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    path.write_text(text)
+def offline(checkpoint: Path, corpus: Path, tokens: int, dtypes: Sequence[str], options: Any) -> list[Row]:
+    """Part 2: the fp32 pipeline, then the batch job per precision, with label agreement; Ray must be up."""
+    texts, device, fits = len(options.lengths), options.device, [n <= 512 for n in options.lengths]
+    seconds, baseline_labels = run_baseline(checkpoint, corpus, device)
+    baseline = f"baseline: transformers.pipeline, batch_size={BASELINE_BATCH_SIZE}"
+    rows = [Row("offline", baseline, "fp32", "truncation=True", seconds, texts, tokens)]
+    for dtype in dtypes:
+        output, gpus = Path(options.out).resolve() / f"scored-{dtype}", 1 if device == "cuda" else 0
+        result, labels = run_job(checkpoint, corpus, output, dtype, options.threads, gpus)
+        same = sum(a == b for a, b, fit in zip(labels, baseline_labels, fits, strict=True) if fit)
+        setting = f"1 actor, budget auto ({auto_max_batch_tokens(device, dtype)})"
+        rows.append(Row("offline", "ours: sentiment batch", dtype, setting, result.seconds, texts, tokens))
+        rows[-1].labels = f"{same}/{sum(fits)} = baseline (reviews <= 512 tokens)"
+        print(f"offline {dtype}: {result.summary_line()}", flush=True)
+    return rows
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse_parser()
     options = parser.parse_args(argv)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    load_before = os.getloadavg()
-    started = time.perf_counter()
-
-    out = Path(options.out).resolve()
-    checkpoint = ensure_checkpoint(out, options.size)
-    corpus = out / f"corpus-{options.rows}"
-    if not corpus.exists():
-        write_corpus(corpus, rows=options.rows, files=options.files, seed=0)
-    texts = pq.read_table(corpus).sort_by("id").column("text").to_pylist()
-    import ray
+    work_offline()
+    load_before, started = os.getloadavg(), time.perf_counter()
     import torch
 
-    device = options.device if options.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
+    if options.device == "auto":
+        options.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if options.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda, but torch sees no CUDA GPU")
+    device = options.device
     dtypes = [d for d in (options.dtypes or DEFAULT_DTYPES[device]).split(",") if d]
-    if "fp32" not in dtypes:
-        dtypes.insert(0, "fp32")
+    dtypes = dtypes if "fp32" in dtypes else ["fp32", *dtypes]
     if device == "cpu" and "bf16" in dtypes and not cpu_supports_bf16():
         print("this CPU has no bf16 instructions (avx512_bf16/amx_bf16): skipping bf16", file=sys.stderr)
         dtypes.remove("bf16")
-    levels = [int(level) for level in options.concurrency.split(",") if level]
-    budgets_tried = [int(b) for b in options.budgets.split(",") if b] or list(CANDIDATE_BUDGETS[device])
-    replicas = options.replicas or (4 if device == "cuda" else 1)
-
+    options.levels = [int(level) for level in options.concurrency.split(",") if level]
+    options.replicas = options.replicas or (4 if device == "cuda" else 1)
+    budgets = [int(b) for b in options.budgets.split(",") if b] or CANDIDATE_BUDGETS[device]
     torch.set_num_threads(options.threads)
+    out = Path(options.out).resolve()
+    checkpoint = ensure_checkpoint(out, options.size)
+    corpus = ensure_corpus(out / f"corpus-{options.rows}", options.rows, options.files)
+    # Corpus reviews have exactly their drawn token count in make_checkpoint's vocab.
+    options.lengths = [int(n) for n in review_lengths(options.rows, seed=0)]
+    texts = pq.read_table(corpus).sort_by("id").column("text").to_pylist()
 
-    # 1. Ceiling, and the precision comparison on the same windows.
-    rows: list[Row] = []
-    ceiling_spt: dict[str, float] = {}
-    probabilities: dict[str, np.ndarray] = {}
-    model_tokens_total = 0
-    flops_per_token = 0.0
-    for dtype in dtypes:
-        best = ceiling(checkpoint, texts, dtype, budgets_tried, device)
-        model_tokens_total = sum(best.lengths)
-        flops_per_token = best.flops / model_tokens_total
-        ceiling_spt[dtype] = best.seconds / model_tokens_total
-        probabilities[dtype] = best.probabilities
-        sampled = ", ".join(f"{b}: {s:.0f}" for b, s in best.sample_speeds.items())
-        rows.append(
-            Row(
-                "ceiling",
-                "model forward only",
-                dtype,
-                f"budget {best.budget}",
-                best.seconds,
-                len(texts),
-                model_tokens_total,
-            )
-        )
-        rows[-1].extra["sampled_tokens_per_s_by_budget"] = sampled
-        print(
-            f"ceiling {dtype}: {model_tokens_total / best.seconds:.0f} tokens/s at budget {best.budget} ({sampled})",
-            flush=True,
-        )
-    # With head_tail, every review is one window, so windows line up with texts.
-    model_tokens = [min(n, 512) for n in _review_tokens(corpus)]
-
-    # 2. Offline.
-    runtime_env = {"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}}
-    ray.init(
-        num_cpus=os.cpu_count(),
-        num_gpus=_gpus(device),
-        include_dashboard=False,
-        log_to_driver=False,
-        runtime_env=runtime_env,
-    )
-    try:
-        baseline_seconds, baseline_labels = run_baseline(checkpoint, corpus, device)
-        baseline_spt = baseline_seconds / model_tokens_total
-        rows.append(
-            Row(
-                "offline",
-                f"baseline: transformers.pipeline, batch_size={BASELINE_BATCH_SIZE}",
-                "fp32",
-                "truncation=True",
-                baseline_seconds,
-                len(texts),
-                model_tokens_total,
-            )
-        )
-        fits = [n <= 512 for n in _review_tokens(corpus)]
-        for dtype in dtypes:
-            result, table = run_job(
-                checkpoint,
-                corpus,
-                out / f"scored-{dtype}",
-                dtype,
-                options.threads,
-                num_gpus=1 if device == "cuda" else 0,
-            )
-            same, compared = agreement(table.column("label").to_pylist(), baseline_labels, fits)
-            rows.append(
-                Row(
-                    "offline",
-                    "ours: sentiment batch",
-                    dtype,
-                    f"1 actor, budget auto ({auto_max_batch_tokens(device, dtype)})",
-                    result.seconds,
-                    len(texts),
-                    model_tokens_total,
-                    labels=f"{same}/{compared} = baseline (reviews <= 512 tokens)",
-                )
-            )
-            print(f"offline {dtype}: {result.summary_line()}", flush=True)
-
-        # 3. Online.
-        if levels:
-            rows += online(checkpoint, texts, model_tokens, dtypes, levels, options.duration, device, replicas)
-    finally:
-        ray.shutdown()
-
+    rows, probabilities, flops_per_token = ceilings(checkpoint, texts, dtypes, budgets, device)
+    tokens = rows[0].tokens
+    with local_ray(num_cpus=os.cpu_count(), num_gpus=torch.cuda.device_count() if device == "cuda" else 0):
+        rows += offline(checkpoint, corpus, tokens, dtypes, options)
+        if options.levels:
+            with serve_on_loopback() as port:
+                rows += online(port, checkpoint, texts, dtypes, ["fp32"], options)
+    ceiling_spt = {row.dtype: row.seconds / row.tokens for row in rows if row.part == "ceiling"}
+    baseline = next(row for row in rows if row.part == "offline")
     for row in rows:
         row.ceiling_seconds_per_token = ceiling_spt[row.dtype]
-        row.baseline_seconds_per_token = baseline_spt
-    online_baselines = {r.setting: r for r in rows if r.part == "online" and r.system.startswith("baseline")}
-    for row in rows:
-        if row.part == "online" and row.system.startswith("ours"):
-            base = online_baselines.get(row.setting.split(",")[0])
-            if base is not None:
-                # Online, "vs baseline" is against the per-request deployment at the same concurrency.
-                row.baseline_seconds_per_token = base.seconds / base.tokens
-                row.labels = f"p99 {ratio(row.p99_ms, base.p99_ms)} baseline's"
-    for row in rows:
-        if row.part == "online" and row.system.startswith("baseline"):
-            row.baseline_seconds_per_token = row.seconds / row.tokens
-
-    precision_lines = [
-        "| precision | max abs probability difference vs fp32 | identical labels vs fp32 |",
-        "|---|---:|---:|",
-    ]
-    for dtype in dtypes[1:]:
-        difference = float(np.abs(probabilities[dtype] - probabilities["fp32"]).max())
-        same_labels = float((probabilities[dtype].argmax(1) == probabilities["fp32"].argmax(1)).mean())
-        precision_lines.append(f"| {dtype} | {difference:.4f} | {same_labels:.1%} |")
-
-    peak = options.peak_tflops or peak_tflops(device)
-    table = render(rows, flops_per_token if peak else None, peak)
-    precision = "\n".join(precision_lines)
-    load_after = os.getloadavg()
-    command = "python -m benchmarks.run " + shlex.join(sys.argv[1:] if argv is None else list(argv))
-    header = (
-        f"## One table: ceiling, offline, online (`benchmarks.run`)\n\n"
-        f"**Date** {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC. **Machine** {cpu_name()}, "
-        f"{os.cpu_count()} cores, {_gpu_name(device)}; torch {torch.__version__}, ray {ray.__version__}. "
-        f"**Load average** (1/5/15 min) {_load(load_before)} at the start, {_load(load_after)} at the end. "
-        f"**Run time** {time.perf_counter() - started:.0f} s.\n\n"
-        f"```bash\n{command}\n```\n\n"
-        f"{len(texts)} reviews, {model_tokens_total} model tokens ({sum(not f for f in fits)} reviews cut to 512), "
-        f"random-weight {options.size} checkpoint, {options.threads} torch threads. Ceiling budgets tried "
-        f"(model tokens/s on a {SAMPLE_WINDOWS}-review sample): "
-        + "; ".join(f"{r.dtype}: {r.extra['sampled_tokens_per_s_by_budget']}" for r in rows if r.part == "ceiling")
-        + ".\n"
+        if row.part != "online":
+            row.baseline_seconds_per_token = baseline.seconds / tokens
+    precision = markdown_table(
+        ["precision", "max abs probability difference vs fp32", "identical labels vs fp32"],
+        [[d, f"{a['max_abs_dp']:.4f}", f"{a['identical_labels']:.1%}"] for d, a in against_fp32(probabilities).items()],
+        right=[1, 2],
     )
-    section = f"{header}\n{table}\n\n{precision}\n"
+    peak = options.peak_tflops or peak_tflops(device)
+    facts = machine("benchmarks.run", argv)
+    before, after = ("/".join(f"{v:.2f}" for v in load) for load in (load_before, os.getloadavg()))
+    sampled = "; ".join(f"{r.dtype}: {r.extra['sampled_tokens_per_s_by_budget']}" for r in rows if r.part == "ceiling")
+    section = (
+        f"## One table: ceiling, offline, online (`benchmarks.run`)\n\n"
+        f"**Date** {facts['date']}. **Machine** {facts['cpu']}, {facts['cores']} cores, {facts['gpu']}; "
+        f"torch {facts['torch']}, ray {facts['ray']}. **Load average** (1/5/15 min) {before} at the start, "
+        f"{after} at the end. **Run time** {time.perf_counter() - started:.0f} s.\n\n"
+        f"```bash\n{facts['command']}\n```\n\n"
+        f"{len(texts)} reviews, {tokens} model tokens ({sum(n > 512 for n in options.lengths)} reviews cut to 512), "
+        f"random-weight {options.size} checkpoint, {options.threads} torch threads. Ceiling budgets tried "
+        f"(model tokens/s on a {SAMPLE_WINDOWS}-review sample): {sampled}.\n\n"
+        f"{render(rows, flops_per_token if peak else None, peak)}\n\n{precision}\n"
+    )
     print("\n" + section)
-    (out / "results.json").write_text(json.dumps([asdict(r) for r in rows], indent=2) + "\n")
+    write_json(out / "results.json", [asdict(r) for r in rows])
     if options.results:
-        write_section(Path(options.results), section)
+        write_section(Path(options.results), section, SECTION)
     return 0
 
 
-def _gpus(device: str) -> int:
-    import torch
-
-    return torch.cuda.device_count() if device == "cuda" else 0
-
-
-def _gpu_name(device: str) -> str:
-    import torch
-
-    return torch.cuda.get_device_name(0) if device == "cuda" else "no GPU"
-
-
-def peak_tflops(device: str) -> float | None:
-    if device != "cuda":
-        return None
-    name = _gpu_name(device)
-    return next((peak for key, peak in PEAK_TFLOPS.items() if key in name), None)
-
-
-def _load(values: tuple[float, float, float]) -> str:
-    return "/".join(f"{v:.2f}" for v in values)
-
-
-def _review_tokens(corpus: Path) -> list[int]:
-    # Corpus reviews have exactly their drawn token count in make_checkpoint's vocab.
-    from benchmarks.corpus import review_lengths
-
-    total = sum(pq.read_metadata(path).num_rows for path in corpus.glob("*.parquet"))
-    return [int(n) for n in review_lengths(total, seed=0)]
-
-
-def argparse_parser() -> Any:
-    import argparse
-
+def argparse_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", type=int, default=300, help="synthetic reviews (default %(default)s)")
-    parser.add_argument("--files", type=int, default=2, help="Parquet files in the corpus (default %(default)s)")
-    parser.add_argument("--size", default="base", choices=["tiny", "base", "large"], help="checkpoint shape")
-    parser.add_argument(
+    add = parser.add_argument
+    add("--rows", type=int, default=300, help="synthetic reviews (default %(default)s)")
+    add("--files", type=int, default=2, help="Parquet files in the corpus (default %(default)s)")
+    add("--size", default="base", choices=["tiny", "base", "large"], help="checkpoint shape")
+    add(
         "--dtypes",
-        default=None,
-        help="precisions (default: fp32,bf16 on a CPU, fp32,bf16,fp16 on a GPU); bf16 is skipped on a CPU without it",
+        help="precisions (default: fp32,bf16 on a CPU, fp32,bf16,fp16 on a GPU); no bf16 on a CPU without it",
     )
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where the model runs")
-    parser.add_argument(
-        "--replicas", type=int, default=None, help="replicas of our app (default: 1 on a CPU, 4 sharing a GPU)"
-    )
-    parser.add_argument(
-        "--peak-tflops", type=float, default=None, help="the GPU's dense bf16 peak, for MFU (default: known GPUs)"
-    )
-    parser.add_argument("--duration", type=float, default=15, help="seconds of load per concurrency level")
-    parser.add_argument("--concurrency", default="1,4,16", help="closed-loop client counts; empty: skip online")
-    parser.add_argument(
+    add("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where the model runs")
+    add("--replicas", type=int, help="replicas of our app (default: 1 on a CPU, 4 sharing a GPU)")
+    add("--peak-tflops", type=float, help="the GPU's dense bf16 peak, for MFU (default: known GPUs)")
+    add("--duration", type=float, default=15, help="seconds of load per concurrency level")
+    add("--concurrency", default="1,4,16", help="closed-loop client counts; empty: skip online")
+    add(
         "--budgets",
         default="",
         help="forward token budgets to try (default: 512 to 8192 on a CPU, 4096 to 65536 on a GPU)",
     )
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads (default: all cores)")
-    parser.add_argument("--out", default="benchmarks/out/run", help="working directory (default %(default)s)")
-    parser.add_argument(
-        "--results", default="benchmarks/RESULTS.md", help="file to write the dated section to; empty: do not write"
-    )
+    add("--threads", type=int, default=os.cpu_count() or 1, help="torch threads (default: all cores)")
+    add("--out", default="benchmarks/out/run", help="working directory (default %(default)s)")
+    add("--results", default="benchmarks/RESULTS.md", help="file to write the dated section to; empty: do not write")
     return parser
 
 

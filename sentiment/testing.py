@@ -1,17 +1,40 @@
-"""Random-weight checkpoints for tests and benchmarks, built locally with no network.
+"""Test data for tests and benchmarks, built locally with no network.
 
-They load through the same ``from_pretrained`` path as a real model: a WordPiece vocab written
-here, a ``BertForSequenceClassification`` with random weights, both saved with
-``save_pretrained``. Their predictions mean nothing; their shapes and speed are real.
+- **Random-weight checkpoints** (`make_checkpoint`) load through the same ``from_pretrained`` path
+  as a real model: a WordPiece vocab written here, a ``BertForSequenceClassification`` with random
+  weights, both saved with ``save_pretrained``. Their predictions mean nothing; their shapes and
+  speed are real.
+- **A synthetic corpus** (`make_reviews`, `make_corpus`, `write_corpus`) of reviews whose *lengths*
+  follow the IMDB test set (25,000 reviews, BERT WordPiece tokens, special tokens included: mean
+  about 289, median about 217, 12.3% over 512, longest about 2,900). The texts are random sentences
+  over `WORDS` with a balanced gold ``neg``/``pos`` label each, and no meaning a model could read.
+  Lengths are drawn from a lognormal with median 217 and sigma 0.74 (which puts 12.3% over 512),
+  the part above 512 stretched by a power of 1.08 so that the mean reaches 289 as in IMDB (a plain
+  lognormal with that median and tail share has a mean of 285), rounded and clipped to [10, 2900].
+  Every word of `WORDS` and every punctuation mark is one token of `vocab()`, so in checkpoints made
+  by `make_checkpoint` a review drawn with length n has exactly n tokens, [CLS] and [SEP] included.
+- **A server process Ctrl-C stops** (`popen_interruptible`).
+
+Nothing here imports Ray; torch, transformers and Arrow are imported by the functions that use them.
 """
 
 from __future__ import annotations
 
+import math
+import random
+import signal
+import subprocess
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-# Common English words; the synthetic corpus (benchmarks/corpus.py) writes reviews from them, so
-# in the vocab below each is exactly one WordPiece token.
+import numpy as np
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+# Common English words; the synthetic corpus writes reviews from them, so in the vocab below each
+# is exactly one WordPiece token.
 WORDS: tuple[str, ...] = tuple(
     """
     the a an and or but if of to in on at by for with from as is was are were be been being this that
@@ -106,9 +129,118 @@ def make_checkpoint(
     return path
 
 
-def describe_size(size: str) -> dict[str, Any]:
-    """The architecture numbers of a size name, for benchmark reports."""
-    return dict(SIZES[size])
+# The synthetic corpus's length distribution (see the module docstring).
+MEDIAN_TOKENS = 217
+SIGMA = 0.74
+TAIL_START = 512
+TAIL_POWER = 1.08
+MIN_TOKENS = 10
+MAX_TOKENS = 2900
+SPECIAL_TOKENS = 2  # [CLS] and [SEP]
+CORPUS_LABELS = ("neg", "pos")
+
+_POSITIVE = ("good", "great", "wonderful", "brilliant", "beautiful", "best", "love", "loved", "enjoyed", "amazing")
+_NEGATIVE = ("bad", "terrible", "awful", "boring", "dull", "worst", "hate", "hated", "waste", "horrible")
+_ENDINGS = (".", ".", ".", "!", "?")
+
+
+def review_lengths(n: int, seed: int = 0) -> np.ndarray:
+    """Token counts (special tokens included) of ``n`` reviews, distributed like the IMDB test set."""
+    rng = np.random.default_rng(seed)
+    lengths = np.exp(rng.normal(math.log(MEDIAN_TOKENS), SIGMA, n))
+    tail = lengths > TAIL_START
+    lengths[tail] = TAIL_START * (lengths[tail] / TAIL_START) ** TAIL_POWER
+    return np.clip(np.rint(lengths), MIN_TOKENS, MAX_TOKENS).astype(np.int64)
+
+
+def make_review(num_tokens: int, label: str, rng: random.Random) -> str:
+    """One review of exactly ``num_tokens`` tokens (special tokens included) in the test vocab.
+
+    Sentences of 6 to 24 tokens, each ending in punctuation; about one word in ten is a sentiment
+    word matching ``label``, so the texts read a little like reviews.
+    """
+    content = num_tokens - SPECIAL_TOKENS
+    flavour = _POSITIVE if label == "pos" else _NEGATIVE
+    sentences: list[str] = []
+    while content > 0:
+        size = min(content, rng.randint(6, 24))
+        words = [rng.choice(flavour) if rng.random() < 0.1 else rng.choice(WORDS) for _ in range(size - 1)]
+        if words:
+            words[0] = words[0].capitalize()
+        # The closing mark is its own token, like every word.
+        sentences.append(" ".join(words) + rng.choice(_ENDINGS))
+        content -= size
+    return " ".join(sentences)
+
+
+def gold_labels(n: int, seed: int = 0) -> list[str]:
+    """Balanced gold labels (``neg``/``pos``) in a seeded random order."""
+    labels = [CORPUS_LABELS[i % 2] for i in range(n)]
+    random.Random(seed).shuffle(labels)
+    return labels
+
+
+def make_reviews(n: int, seed: int = 0) -> list[str]:
+    """``n`` synthetic review texts with IMDB-like lengths: the ``text`` column of `make_corpus`."""
+    rng = random.Random(seed + 1)
+    pairs = zip(review_lengths(n, seed), gold_labels(n, seed), strict=True)
+    return [make_review(int(length), label, rng) for length, label in pairs]
+
+
+def make_corpus(n: int, seed: int = 0) -> pa.Table:
+    """A table of ``n`` reviews: ``id`` 0..n-1, ``text`` and the gold ``label``."""
+    import pyarrow as pa
+
+    return pa.table(
+        {
+            "id": pa.array(range(n), pa.int64()),
+            "text": pa.array(make_reviews(n, seed), pa.string()),
+            "label": pa.array(gold_labels(n, seed), pa.string()),
+        }
+    )
+
+
+def write_corpus(out: str | Path, rows: int, files: int = 1, seed: int = 0) -> list[Path]:
+    """Write `make_corpus` as ``files`` Parquet files of near-equal size under ``out``; return their paths."""
+    import pyarrow.parquet as pq
+
+    if rows < 1 or files < 1:
+        raise ValueError(f"rows and files must be at least 1, got rows={rows}, files={files}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    table = make_corpus(rows, seed)
+    paths = []
+    for index, bounds in enumerate(np.array_split(np.arange(rows), min(files, rows))):
+        path = out / f"part-{index:05d}.parquet"
+        pq.write_table(table.slice(int(bounds[0]), len(bounds)), path)
+        paths.append(path)
+    return paths
+
+
+def describe_lengths(lengths: Sequence[int]) -> dict[str, float]:
+    """The statistics the module docstring promises, for checking a corpus against IMDB's."""
+    array = np.asarray(lengths)
+    return {
+        "rows": float(len(array)),
+        "mean": float(array.mean()),
+        "median": float(np.median(array)),
+        "over_512": float((array > TAIL_START).mean()),
+        "max": float(array.max()),
+    }
+
+
+def popen_interruptible(argv: list[str], **kwargs: Any) -> subprocess.Popen[Any]:
+    """``subprocess.Popen(argv, **kwargs)`` for a server that Ctrl-C (SIGINT) must stop; main thread only.
+
+    A process started in the background of a script (``cmd &``) inherits SIGINT ignored, and its
+    children would too: exec keeps an ignored signal ignored but resets a handled one. The child
+    is started while this process handles SIGINT, so it gets SIGINT as from a terminal.
+    """
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        return subprocess.Popen(argv, **kwargs)
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 # -- Waiting and ports, for tests that start servers or clusters (no Ray needed here) ----------

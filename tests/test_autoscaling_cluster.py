@@ -18,11 +18,10 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from benchmarks.corpus import write_corpus
 from pipelines.args import PipelineArgs
 from pipelines.batch import run
 from sentiment.config import ModelConfig
-from sentiment.testing import free_port
+from sentiment.testing import free_port, write_corpus
 
 pytestmark = pytest.mark.slow
 

@@ -25,7 +25,6 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from benchmarks.corpus import write_corpus
 from pipelines.args import PipelineArgs
 from pipelines.batch import run
 from pipelines.plan import STAGING_SUFFIX
@@ -33,6 +32,7 @@ from pipelines.report import format_summary
 from ray_sentiment.cli import main
 from sentiment.config import ModelConfig
 from sentiment.model import SentimentClassifier
+from sentiment.testing import write_corpus
 
 REPO = Path(__file__).resolve().parents[1]
 OUTPUT_COLUMNS = [

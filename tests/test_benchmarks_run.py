@@ -1,13 +1,11 @@
-"""`benchmarks.run`'s arithmetic: forward FLOPs for MFU, the table's ratios, its section in RESULTS.md."""
+"""`benchmarks.run`'s arithmetic: forward FLOPs for MFU, the table's ratios."""
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import torch
 from transformers import BertConfig, BertForSequenceClassification
 
-from benchmarks.run import SECTION_END, SECTION_START, Row, forward_flops, render, write_section
+from benchmarks.run import Row, forward_flops, render
 
 
 def bert_large_on_meta() -> BertForSequenceClassification:
@@ -47,16 +45,3 @@ def test_table_gives_ratios_to_ceiling_and_baseline_and_mfu_on_tensor_core_rows(
     assert lines[3].endswith(" 50.0% |")
     assert lines[4].endswith(" - |")  # fp32 does not run on the bf16 tensor-core peak
     assert "MFU" not in render(rows)
-
-
-def test_results_section_is_replaced_in_place(tmp_path: Path) -> None:
-    results = tmp_path / "RESULTS.md"
-    results.write_text("# Results\n\nbefore\n")
-    write_section(results, "first run")
-    results.write_text(results.read_text() + "\nafter\n")
-    write_section(results, "second run")
-    text = results.read_text()
-    assert text.count(SECTION_START) == text.count(SECTION_END) == 1
-    assert "second run" in text
-    assert "first run" not in text
-    assert text.index("before") < text.index(SECTION_START) < text.index("after")

@@ -19,11 +19,10 @@ import httpx
 import pytest
 import yaml
 
-from benchmarks.common import popen_interruptible
 from deployments.cli import command_from_args
 from ray_sentiment.cli import build_parser, main
 from sentiment.cli import load_config_file
-from sentiment.testing import free_port
+from sentiment.testing import free_port, popen_interruptible
 
 REPO = Path(__file__).resolve().parents[1]
 SERVE_YAML = REPO / "deployments" / "serve.yaml"

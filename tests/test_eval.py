@@ -11,13 +11,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from benchmarks.corpus import write_corpus
 from pipelines.args import PipelineArgs
 from pipelines.eval import evaluate, report_from_counts
 from ray_sentiment.cli import main
 from sentiment.config import ModelConfig
 from sentiment.errors import InvalidInputError
 from sentiment.model import SentimentClassifier
+from sentiment.testing import write_corpus
 
 GOLD = ["neg"] * 7 + ["pos"] * 9 + [None, "pos", "neg"]
 PREDICTED = ["neg", "neg", "neg", "neg", "pos", "pos", "neg"] + ["pos"] * 6 + ["neg"] * 3 + ["pos", None, None]

@@ -7,13 +7,13 @@ from pathlib import Path
 import pyarrow.fs as pafs
 import pytest
 
-from benchmarks.corpus import write_corpus
 from pipelines import files
 from pipelines.args import PipelineArgs
 from pipelines.files import Location, RecordingHandler
 from pipelines.plan import plan_inputs
 from sentiment.config import ModelConfig
 from sentiment.errors import InvalidInputError
+from sentiment.testing import write_corpus
 
 
 def test_globs_lists_and_directories_find_the_same_files(tmp_path: Path) -> None:

@@ -17,14 +17,13 @@ import httpx
 import pyarrow.parquet as pq
 import pytest
 
-from benchmarks.corpus import write_corpus
 from deployments.builder import build_app
 from pipelines.args import PipelineArgs
 from pipelines.batch import run
 from pipelines.plan import STAGING_SUFFIX
 from sentiment.config import ModelConfig
 from sentiment.model import SentimentClassifier
-from sentiment.testing import free_port, wait_until
+from sentiment.testing import free_port, wait_until, write_corpus
 from tests.helpers import replica_states
 
 pytestmark = pytest.mark.multinode

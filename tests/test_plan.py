@@ -14,13 +14,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from benchmarks.corpus import write_corpus
 from pipelines.args import PipelineArgs
 from pipelines.batch import run
 from pipelines.columns import WORKING_COLUMNS
 from pipelines.plan import Slice, plan_inputs, plan_slices, slice_id, with_labels
 from sentiment.config import ModelConfig
 from sentiment.errors import InvalidInputError
+from sentiment.testing import write_corpus
 
 ABSENT_MODEL = ModelConfig(model_id="/nonexistent/model")
 

@@ -16,7 +16,6 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 
-from benchmarks.corpus import write_corpus
 from pipelines import files
 from pipelines.args import PipelineArgs
 from pipelines.batch import run
@@ -33,6 +32,7 @@ from pipelines.staging import (
 )
 from sentiment.config import ModelConfig
 from sentiment.errors import InvalidInputError
+from sentiment.testing import write_corpus
 
 ABSENT_MODEL = ModelConfig(model_id="/nonexistent/model")
 

@@ -1,14 +1,24 @@
-"""The synthetic corpus: IMDB-like lengths, exact token counts in the test vocab, balanced labels."""
+"""`sentiment.testing`: the synthetic corpus (IMDB-like lengths, exact token counts in the test vocab,
+balanced labels) and the interruptible server process."""
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pyarrow.parquet as pq
-import pytest
 from transformers import AutoTokenizer
 
-from benchmarks.corpus import describe_lengths, main, make_corpus, make_reviews, review_lengths, write_corpus
+from sentiment.testing import (
+    describe_lengths,
+    make_corpus,
+    make_reviews,
+    popen_interruptible,
+    review_lengths,
+    write_corpus,
+)
 
 
 def test_lengths_follow_the_imdb_test_set() -> None:
@@ -31,6 +41,7 @@ def test_corpus_has_unique_ids_and_balanced_labels() -> None:
     table = make_corpus(101, seed=5)
     assert table.column_names == ["id", "text", "label"]
     assert table.column("id").to_pylist() == list(range(101))
+    assert table.column("text").to_pylist() == make_reviews(101, seed=5)
     labels = table.column("label").to_pylist()
     assert (labels.count("neg"), labels.count("pos")) == (51, 50)
     assert make_corpus(101, seed=5).equals(table)
@@ -44,7 +55,16 @@ def test_written_files_hold_every_row_once(tmp_path: Path) -> None:
     assert ids == list(range(103))
 
 
-def test_command_line_writes_the_corpus(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main([str(tmp_path / "corpus"), "--rows", "20", "--files", "2", "--seed", "4"]) == 0
-    assert pq.read_table(tmp_path / "corpus").num_rows == 20
-    assert "wrote 20 reviews in 2 file(s)" in capsys.readouterr().out
+def test_a_server_started_while_sigint_is_ignored_still_gets_ctrl_c() -> None:
+    # The child reports whether Python installed its KeyboardInterrupt handler, which it does only
+    # when SIGINT was not ignored at its start.
+    argv = [sys.executable, "-c", "import signal; print(signal.getsignal(signal.SIGINT) is signal.default_int_handler)"]
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # as in a run started with `cmd &`
+    try:
+        plain = subprocess.run(argv, capture_output=True, text=True, check=True).stdout.strip()
+        process = popen_interruptible(argv, stdout=subprocess.PIPE, text=True)
+        interruptible = process.communicate(timeout=60)[0].strip()
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN  # this process's handler is back
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert (plain, interruptible) == ("False", "True")
