@@ -23,6 +23,7 @@ STATUS_MEANINGS = {
         "Over a size limit: texts per request, characters per text, body bytes, tokens with truncate: false, "
         "or one text too big for the GPU (`too_large`)."
     ),
+    404: "The `model` a vLLM classify body names is not the one this server serves (`not_found`).",
     422: "A field is missing, null, of the wrong type or not an allowed value (`validation`).",
     424: "The model failed on this well-formed request (`backend`).",
     503: (

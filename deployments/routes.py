@@ -12,13 +12,15 @@ from __future__ import annotations
 
 import math
 import time
+import uuid
 from collections.abc import Sequence
 from importlib import resources
-from typing import Any, Protocol
+from typing import Annotated, Any, Protocol
 
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
+from pydantic import Discriminator, Tag
 from starlette.exceptions import HTTPException
 from starlette.routing import BaseRoute, Match
 
@@ -44,8 +46,14 @@ from deployments.schemas import (
     InferenceRequest,
     InfoResponse,
     LabelScore,
+    ModelCard,
+    ModelList,
     PredictionBody,
     PredictRequest,
+    VllmClassification,
+    VllmClassifyRequest,
+    VllmClassifyResponse,
+    VllmUsage,
 )
 from sentiment.config import LongTextStrategy
 from sentiment.errors import DeviceMemoryError, InvalidInputError, ModelLoadError, SentimentError
@@ -133,6 +141,18 @@ _DIRECTIONS: dict[str, LongTextStrategy] = {"left": "tail", "right": "head"}
 _CLASSIFY_ERRORS = error_responses(400, 413, 422, 424, 503)
 
 
+def _body_kind(body: Any) -> str:
+    # vLLM's body names its texts "input"; ours "text" or "texts". Chosen before validating, so that
+    # a bad body's errors speak of the fields its sender meant.
+    return "vllm" if isinstance(body, dict) and "input" in body else "own"
+
+
+_BODY_KINDS = ("own", "vllm")
+OwnOrVllmRequest = Annotated[
+    Annotated[ClassifyRequest, Tag("own")] | Annotated[VllmClassifyRequest, Tag("vllm")], Discriminator(_body_kind)
+]
+
+
 def create_api(server: Engine) -> FastAPI:
     """The FastAPI app of one replica; its routes close over ``server``."""
     app = FastAPI(
@@ -195,16 +215,53 @@ def create_api(server: Engine) -> FastAPI:
 
     @app.post(
         "/v1/classify",
-        summary="Classify one text or a list of texts.",
-        responses={200: {"headers": TIMING_HEADERS}, **_CLASSIFY_ERRORS},
+        summary="Classify one text or a list of texts (this server's body, or vLLM's classify body).",
+        responses={200: {"headers": TIMING_HEADERS}, **_CLASSIFY_ERRORS, **error_responses(404)},
     )
-    async def classify(body: ClassifyRequest, response: Response) -> ClassifyResponse:
+    async def classify(body: OwnOrVllmRequest, response: Response) -> ClassifyResponse | VllmClassifyResponse:
+        if isinstance(body, VllmClassifyRequest):
+            return await classify_vllm(body, response)
         field, texts = ("texts", body.texts) if body.texts is not None else ("text", [body.text or ""])
         predictions = await _classified(server, response, texts, field, body.long_text)
         return ClassifyResponse(
             model=args.model.model_id,
             predictions=[PredictionBody(**p.to_dict()) for p in predictions],
         )
+
+    @app.post(
+        "/classify",
+        summary="vLLM's classify protocol: probabilities in the model's label order, token usage.",
+        responses={200: {"headers": TIMING_HEADERS}, **_CLASSIFY_ERRORS, **error_responses(404)},
+    )
+    async def classify_vllm(body: VllmClassifyRequest, response: Response) -> VllmClassifyResponse:
+        if body.model is not None and body.model != args.model.model_id:
+            raise NotFound(f"model {body.model!r} is not served here; this server serves {args.model.model_id!r}")
+        texts = [body.input] if isinstance(body.input, str) else body.input
+        predictions = await _classified(server, response, texts, "input", single=isinstance(body.input, str))
+        labels = server.classifier.labels
+        tokens = sum(p.num_tokens for p in predictions)
+        return VllmClassifyResponse(
+            id=f"classify-{uuid.uuid4().hex}",
+            created=int(time.time()),
+            model=args.model.model_id,
+            data=[
+                VllmClassification(
+                    index=index, label=p.label, probs=[p.scores[label] for label in labels], num_classes=len(labels)
+                )
+                for index, p in enumerate(predictions)
+            ],
+            usage=VllmUsage(prompt_tokens=tokens, total_tokens=tokens),
+        )
+
+    created = int(time.time())
+
+    @app.get(
+        "/v1/models", summary="The served model, in OpenAI's list shape (as vLLM answers).", responses=error_responses()
+    )
+    async def models() -> ModelList:
+        model_id = args.model.model_id
+        card = ModelCard(id=model_id, created=created, root=model_id, max_model_len=server.classifier.max_length)
+        return ModelList(data=[card])
 
     @app.post(
         "/predict",
@@ -243,10 +300,16 @@ async def _classified(
     long_text: LongTextStrategy | None = None,
     *,
     cut: bool = True,
+    single: bool | None = None,
 ) -> list[Prediction]:
-    """The engine's predictions for texts within the limits; on success, TEI's timing headers (ms) and histograms."""
+    """The engine's predictions for texts within the limits; on success, TEI's timing headers (ms) and histograms.
+
+    ``field`` names the texts in errors: ``field[i]``, or ``field`` alone where ``single`` (default: a
+    field other than ``texts`` and ``inputs`` holds one text).
+    """
     started = time.perf_counter()
-    predictions, times = await server.classify(_checked(texts, field, server.args), long_text, field=field, cut=cut)
+    checked = _checked(texts, field, server.args, single)
+    predictions, times = await server.classify(checked, long_text, field=field, cut=cut)
     seconds = {
         "total": time.perf_counter() - started,
         "tokenization": times.tokenization,
@@ -259,13 +322,14 @@ async def _classified(
     return predictions
 
 
-def _checked(texts: list[str], field: str, limits: ServeArgs) -> list[str]:
-    """The texts, if within the limits; else the error naming the field and the limit."""
+def _checked(texts: list[str], field: str, limits: ServeArgs, single: bool | None = None) -> list[str]:
+    """The texts, if within the limits; else the error naming the field (see `_classified`) and the limit."""
     if not texts:
         raise EmptyInput(f"{field} is empty; give at least one text")
     if len(texts) > limits.max_texts_per_request:
         raise TooLarge(f"{field} has {len(texts)} texts; at most {limits.max_texts_per_request} per request")
-    single = field != "texts" and field != "inputs"
+    if single is None:
+        single = field not in ("texts", "inputs")
     for index, text in enumerate(texts):
         name = field if single or (field == "inputs" and len(texts) == 1) else f"{field}[{index}]"
         if len(text) > limits.max_chars_per_text:
@@ -305,7 +369,8 @@ def _from_validation_errors(errors: Any) -> InvalidInputError:
     """One error naming every bad field: ``texts[2]: Input should be a valid string``."""
     lines = []
     for item in errors:
-        if tuple(item.get("loc", ())) == ("body",) and isinstance(item.get("input"), bytes | str):
+        at_body = [part for part in item.get("loc", ()) if part not in _BODY_KINDS] == ["body"]
+        if at_body and isinstance(item.get("input"), bytes | str):
             # FastAPI parses JSON only when the Content-Type says so; otherwise the body arrives as bytes.
             return MalformedBody("body is not a JSON object; send JSON with Content-Type: application/json")
         if item.get("type") == "json_invalid":
@@ -319,7 +384,8 @@ def _from_validation_errors(errors: Any) -> InvalidInputError:
 
 
 def _location(loc: Any) -> str:
-    parts = [part for part in loc if part != "body"]
+    # The tag of the body's kind (`OwnOrVllmRequest`) is no field clients wrote either.
+    parts = [part for part in loc if part != "body" and part not in _BODY_KINDS]
     # Unions add the branch's type name ("str", "list[str]") to the location; clients did not write it.
     parts = [
         part for part in parts if not (isinstance(part, str) and ("[" in part or part in ("str", "function-after")))

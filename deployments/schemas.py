@@ -191,7 +191,12 @@ def document_limits(openapi: dict[str, Any], max_texts: int, max_chars: int) -> 
     naming the text; here they become ``minItems``/``maxItems`` and ``maxLength``/``pattern``.
     """
     schemas = openapi.get("components", {}).get("schemas", {})
-    fields = {"ClassifyRequest": ("text", "texts"), "PredictRequest": ("inputs",), "InferenceRequest": ("inputs",)}
+    fields = {
+        "ClassifyRequest": ("text", "texts"),
+        "PredictRequest": ("inputs",),
+        "InferenceRequest": ("inputs",),
+        "VllmClassifyRequest": ("input",),
+    }
     for model, names in fields.items():
         properties = schemas.get(model, {}).get("properties", {})
         for name in names:
@@ -238,3 +243,85 @@ class InfoResponse(BaseModel):
     max_chars_per_text: int
     replica_gpus: float = Field(description="GPUs this replica reserved from Ray.")
     replica: str | None = Field(description="Serve's id of the replica that answered.")
+
+
+# -- vLLM's classify protocol (POST /classify, and POST /v1/classify with an "input" body) -----------
+
+
+class VllmClassifyRequest(_Body):
+    """vLLM's ``/classify`` body (what vLLM, SGLang and Dynamo clients post): one text or a list of them.
+
+    vLLM's optional fields are taken where this server can honour them and refused, naming the field,
+    where it cannot; an unknown field is refused as on every other route.
+    """
+
+    input: str | list[str] = Field(description="One text, or a list of texts; answers come back in this order.")
+    model: str | None = Field(None, description="The served model's name (`GET /v1/models`); default: it.")
+    user: str | None = Field(None, description="The caller, for the caller's own records; not used.")
+    priority: int | None = Field(None, description="vLLM's scheduling priority; accepted and not used.")
+    truncate_prompt_tokens: Literal[-1] | None = Field(
+        None,
+        description=(
+            "Only -1 (cut at the model's limit) is taken: long texts are cut by the server's long_text strategy."
+        ),
+    )
+    add_special_tokens: Literal[True] | None = Field(None, description="Only true: the model needs [CLS] and [SEP].")
+    use_activation: Literal[True] | None = Field(
+        None, description="Only true: the answer holds probabilities (softmax)."
+    )
+    activation: Literal[True] | None = Field(None, description="vLLM's older name of use_activation; only true.")
+    softmax: Literal[True] | None = Field(None, description="vLLM's older name of use_activation; only true.")
+
+    # Before the type check, so the refusal says why rather than "Input should be True".
+    @field_validator("truncate_prompt_tokens", mode="before")
+    @classmethod
+    def _only_model_limit(cls, value: Any) -> Any:
+        if isinstance(value, int) and not isinstance(value, bool) and value != -1:
+            raise ValueError("only -1 (cut at the model's limit, by the server's long_text strategy) is supported")
+        return value
+
+    @field_validator("add_special_tokens", "use_activation", "activation", "softmax", mode="before")
+    @classmethod
+    def _only_true(cls, value: Any) -> Any:
+        if value is False:
+            raise ValueError("only true is supported: this server answers probabilities of inputs with special tokens")
+        return value
+
+
+class VllmClassification(BaseModel):
+    index: int = Field(description="Position of the text in `input`.")
+    label: str = Field(description="The most probable label.")
+    probs: list[float] = Field(description="Probability of every label, in the model's label order.")
+    num_classes: int
+
+
+class VllmUsage(BaseModel):
+    prompt_tokens: int = Field(description="Tokens of the inputs, special tokens included, before any cut.")
+    total_tokens: int
+    completion_tokens: int = 0
+    prompt_tokens_details: None = None
+
+
+class VllmClassifyResponse(BaseModel):
+    id: str
+    object: Literal["list"] = "list"
+    created: int = Field(description="Unix time of the answer.")
+    model: str
+    data: list[VllmClassification]
+    usage: VllmUsage
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = Field(description="Unix time the replica started.")
+    owned_by: str = "ray-sentiment"
+    root: str
+    max_model_len: int
+
+
+class ModelList(BaseModel):
+    """``GET /v1/models``, in OpenAI's list shape."""
+
+    object: Literal["list"] = "list"
+    data: list[ModelCard]

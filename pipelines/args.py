@@ -14,8 +14,12 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from sentiment.config import ModelConfig, parse_section
 
 
-class PipelineArgs(BaseModel):
-    """The batch job: which Parquet to read and write, the model, and the actor pool that runs it."""
+class ScoringArgs(BaseModel):
+    """What scoring a Dataset takes: the model, the column that holds the texts, and the actor pool that runs it.
+
+    `pipelines.scoring.score` takes these for a user's own Dataset; `PipelineArgs` adds the files of
+    the batch job. Every field is also a flag of ``sentiment batch``.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -24,23 +28,6 @@ class PipelineArgs(BaseModel):
         description="The model every actor loads.",
     )
     text_column: str = Field("text", min_length=1, description="Input column that holds the reviews.")
-    input: str | list[str] = Field(
-        description=(
-            "Parquet input: a file, a directory (its *.parquet files, recursively), a glob, or a list of "
-            "these; local paths or any URI pyarrow knows (s3://, gs://, ...)."
-        ),
-    )
-    output: str = Field(
-        min_length=1,
-        description="Output directory (local path or URI); it receives Parquet parts and a _SUCCESS marker.",
-    )
-    keep: list[str] | None = Field(
-        None,
-        description=(
-            "Input columns to carry into the output, in this order. None: all of them. The text column "
-            "is read either way, but written only when kept."
-        ),
-    )
     min_actors: int | None = Field(
         None, ge=1, description="Fewest model actors in the pool. None: 1 with GPU actors, else max_actors."
     )
@@ -87,6 +74,42 @@ class PipelineArgs(BaseModel):
             "model.forward_max_tokens, so bigger calls pad less; smaller ones lose less to a crash."
         ),
     )
+
+    @model_validator(mode="after")
+    def _check_actors(self) -> ScoringArgs:
+        if self.min_actors is not None and self.max_actors is not None and self.min_actors > self.max_actors:
+            raise ValueError(f"min_actors ({self.min_actors}) exceeds max_actors ({self.max_actors})")
+        return self
+
+    def actor_gpus(self, cluster_gpus: float) -> float:
+        """GPUs each actor reserves: `num_gpus`, with 'auto' resolved against the cluster's GPUs."""
+        if self.num_gpus == "auto":
+            return 1.0 if cluster_gpus > 0 else 0.0
+        return float(self.num_gpus)
+
+
+class PipelineArgs(ScoringArgs):
+    """The batch job: which Parquet to read and write, the model, and the actor pool that runs it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    input: str | list[str] = Field(
+        description=(
+            "Parquet input: a file, a directory (its *.parquet files, recursively), a glob, or a list of "
+            "these; local paths or any URI pyarrow knows (s3://, gs://, ...)."
+        ),
+    )
+    output: str = Field(
+        min_length=1,
+        description="Output directory (local path or URI); it receives Parquet parts and a _SUCCESS marker.",
+    )
+    keep: list[str] | None = Field(
+        None,
+        description=(
+            "Input columns to carry into the output, in this order. None: all of them. The text column "
+            "is read either way, but written only when kept."
+        ),
+    )
     overwrite: bool = Field(False, description="Replace an output directory that already holds results.")
     resume: bool = Field(
         False,
@@ -117,8 +140,6 @@ class PipelineArgs(BaseModel):
 
     @model_validator(mode="after")
     def _check_consistency(self) -> PipelineArgs:
-        if self.min_actors is not None and self.max_actors is not None and self.min_actors > self.max_actors:
-            raise ValueError(f"min_actors ({self.min_actors}) exceeds max_actors ({self.max_actors})")
         if self.overwrite and self.resume:
             raise ValueError("give either overwrite (start over) or resume (continue), not both")
         return self
@@ -127,12 +148,6 @@ class PipelineArgs(BaseModel):
     def inputs(self) -> list[str]:
         """`input` as a list."""
         return [self.input] if isinstance(self.input, str) else list(self.input)
-
-    def actor_gpus(self, cluster_gpus: float) -> float:
-        """GPUs each actor reserves: `num_gpus`, with 'auto' resolved against the cluster's GPUs."""
-        if self.num_gpus == "auto":
-            return 1.0 if cluster_gpus > 0 else 0.0
-        return float(self.num_gpus)
 
 
 def parse_pipeline_args(data: PipelineArgs | Mapping[str, Any], source: str = "batch") -> PipelineArgs:

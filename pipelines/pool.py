@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from pipelines.args import PipelineArgs
+from pipelines.args import ScoringArgs
 
 # What CPU model actors leave unreserved on their node: the CPU that Ray Data's own tasks (read,
 # repartition, select, write: light beside the model) reserve, so they always find one.
@@ -55,7 +55,7 @@ class PoolSizes:
 
 
 def pool_sizes(
-    args: PipelineArgs,
+    args: ScoringArgs,
     cluster_gpus: float,
     nodes: Sequence[NodeShape],
     launchable_gpus: float = 0,
@@ -129,7 +129,7 @@ def model_calls(slice_rows: Sequence[int], rows_per_call: int) -> int:
     return calls + (gathered > 0)
 
 
-def cluster_pool(args: PipelineArgs, calls: int, actor_bytes: float | None) -> PoolSizes:
+def cluster_pool(args: ScoringArgs, calls: int | None, actor_bytes: float | None) -> PoolSizes:
     """`pool_sizes` on the Ray this process is connected to: its GPUs, its alive nodes, what its autoscaler can add."""
     import ray
 

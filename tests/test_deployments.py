@@ -102,6 +102,28 @@ def test_hugging_face_inference_client_classifies_against_the_endpoint(
     assert {item.label for item in guarded} == {"neg", "pos"}
 
 
+def test_a_vllm_client_discovers_the_model_and_classifies_through_the_proxy(
+    urls: dict[str, str], classifier: SentimentClassifier
+) -> None:
+    # As vLLM's own example client (and LiteLLM, SGLang and Dynamo clients) do: list the models,
+    # then post {"model", "input"} to /classify (SGLang and Dynamo: /v1/classify).
+    texts = ["a wonderful, moving film", "two hours I will never get back"]
+    want = classifier.predict(texts)
+    headers = {"Authorization": f"Bearer {API_KEY}", "accept": "application/json"}
+    with httpx.Client(base_url=urls["guarded"], headers=headers, timeout=60) as client:
+        (card,) = client.get("/v1/models").json()["data"]
+        for path in ("/classify", "/v1/classify"):
+            response = client.post(path, json={"model": card["id"], "input": texts})
+            assert response.status_code == 200, response.text
+            data = response.json()["data"]
+            assert [item["label"] for item in data] == [p.label for p in want]
+            assert data[1]["probs"] == pytest.approx([want[1].scores[label] for label in ("neg", "pos")], abs=1e-5)
+        refused = client.post("/classify", json={"model": "gpt-4o", "input": texts})
+        assert refused.status_code == 404
+        assert card["id"] in refused.json()["error"]
+    assert httpx.post(f"{urls['guarded']}/classify", json={"input": texts}).status_code == 401
+
+
 def test_concurrent_requests_each_get_their_own_answers(urls: dict[str, str], classifier: SentimentClassifier) -> None:
     rng = random.Random(3)
     requests = [[review(rng.randint(1, 600), rng) for _ in range(rng.randint(1, 3))] for _ in range(40)]

@@ -84,6 +84,74 @@ def test_classify_returns_the_core_classifiers_predictions_in_input_order(
     assert_same_predictions(single.json()["predictions"], expected(classifier, [texts[1]], "chunks"))
 
 
+def test_vllm_classify_protocol_answers_probabilities_in_label_order_with_usage(
+    client: TestClient, classifier: SentimentClassifier
+) -> None:
+    texts = ["the acting was wonderful", " ".join(["dull"] * 600), "bad"]
+    want = classifier.predict(texts)
+    model = classifier.config.model_id
+    for path in ("/classify", "/v1/classify"):
+        response = client.post(path, json={"model": model, "input": texts})
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert body["object"] == "list"
+        assert body["model"] == model
+        assert body["id"].startswith("classify-")
+        assert isinstance(body["created"], int)
+        assert [item["index"] for item in body["data"]] == [0, 1, 2]
+        assert [item["label"] for item in body["data"]] == [p.label for p in want]
+        assert [item["num_classes"] for item in body["data"]] == [2, 2, 2]
+        for item, prediction in zip(body["data"], want, strict=True):
+            assert item["probs"] == pytest.approx([prediction.scores[label] for label in classifier.labels], abs=1e-5)
+        tokens = sum(p.num_tokens for p in want)
+        assert body["usage"] == {
+            "prompt_tokens": tokens,
+            "total_tokens": tokens,
+            "completion_tokens": 0,
+            "prompt_tokens_details": None,
+        }
+        assert {"x-total-time", "x-inference-time"} <= set(response.headers)
+    # One string, no model named: the served one answers.
+    one = client.post("/classify", json={"input": texts[0]}).json()
+    assert [item["label"] for item in one["data"]] == [want[0].label]
+    # vLLM's optional fields, where this server honours them.
+    options = {"truncate_prompt_tokens": -1, "add_special_tokens": True, "use_activation": True, "user": "me"}
+    assert client.post("/v1/classify", json={"input": texts[0], **options}).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "error_type", "message"),
+    [
+        ({"model": "someone/else", "input": "fine"}, 404, "not_found", "model 'someone/else' is not served here"),
+        ({"input": []}, 400, "empty", "input is empty"),
+        ({"input": ["fine", " "]}, 400, "empty", "input[1] is empty"),
+        ({"input": " "}, 400, "empty", "input is empty"),
+        ({"input": ["fine", 5]}, 422, "validation", "input[1]: Input should be a valid string"),
+        ({"input": [[101, 2009, 102]]}, 422, "validation", "input[0]: Input should be a valid string"),
+        ({"input": "fine", "truncate_prompt_tokens": 20}, 422, "validation", "truncate_prompt_tokens: only -1"),
+        ({"input": "fine", "use_activation": False}, 422, "validation", "use_activation: only true"),
+        ({"input": "fine", "texts": ["a"]}, 422, "validation", "texts: Extra inputs are not permitted"),
+        ({"input": ["x"] * (MAX_TEXTS + 1)}, 413, "too_large", f"at most {MAX_TEXTS} per request"),
+    ],
+)
+@pytest.mark.parametrize("path", ["/classify", "/v1/classify"])
+def test_vllm_classify_bodies_get_the_same_errors_naming_the_field(
+    client: TestClient, path: str, body: dict[str, Any], status: int, error_type: str, message: str
+) -> None:
+    response = client.post(path, json=body)
+    assert response.status_code == status, response.text
+    assert response.json()["error_type"] == error_type
+    assert message in response.json()["error"]
+
+
+def test_v1_models_lists_the_served_model_as_vllm_does(client: TestClient, classifier: SentimentClassifier) -> None:
+    body = client.get("/v1/models").json()
+    assert body["object"] == "list"
+    assert [card["id"] for card in body["data"]] == [classifier.config.model_id]
+    card = body["data"][0]
+    assert (card["object"], card["owned_by"], card["max_model_len"]) == ("model", "ray-sentiment", 512)
+
+
 def test_predict_route_is_tei_compatible(client: TestClient, classifier: SentimentClassifier) -> None:
     text = "the acting was wonderful but the plot was weak"
     scores = classifier.predict([text])[0].scores
