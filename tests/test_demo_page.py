@@ -20,6 +20,9 @@ from sentiment.model import SentimentClassifier
 from sentiment.testing import free_port
 from tests.helpers import API_KEY, deploy, tiny_args
 
+# A real browser against a live endpoint: an end-to-end run, outside the fast suite.
+pytestmark = pytest.mark.e2e
+
 CHROMIUM = "/usr/bin/chromium"
 WAIT_S = 30
 

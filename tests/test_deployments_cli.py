@@ -24,6 +24,9 @@ from ray_sentiment.cli import build_parser, main
 from sentiment.cli import load_config_file
 from sentiment.testing import free_port, popen_interruptible
 
+# `sentiment serve` and Ray's CLIs as processes of their own: end-to-end runs, outside the fast suite.
+pytestmark = pytest.mark.e2e
+
 REPO = Path(__file__).resolve().parents[1]
 SERVE_YAML = REPO / "deployments" / "serve.yaml"
 

@@ -8,11 +8,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from benchmarks.gpu_check import REPLICAS, Setup, checks
 
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.e2e
 def test_the_dry_run_runs_every_step_and_writes_the_table(tmp_path: Path) -> None:
     out = tmp_path / "check"
     completed = subprocess.run(

@@ -26,7 +26,7 @@ from sentiment.model import SentimentClassifier
 from sentiment.testing import free_port, wait_until, write_corpus
 from tests.helpers import replica_states
 
-pytestmark = pytest.mark.multinode
+pytestmark = [pytest.mark.multinode, pytest.mark.e2e]
 
 WORKER_CPUS = 4
 
@@ -44,7 +44,9 @@ def nodes() -> Iterator[Nodes]:
     from ray.cluster_utils import Cluster
 
     ray.shutdown()  # the session's single-node Ray, if a test before started it
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "num_gpus": 0})
+    # A dashboard port of its own: another Ray on this machine may hold the default one (8265).
+    head = {"num_cpus": 2, "num_gpus": 0, "dashboard_port": free_port()}
+    cluster = Cluster(initialize_head=True, head_node_args=head)
     workers = [cluster.add_node(num_cpus=WORKER_CPUS, num_gpus=1) for _ in range(2)]
     cluster.wait_for_nodes()
     ray.init(
