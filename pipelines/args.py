@@ -35,8 +35,8 @@ class ScoringArgs(BaseModel):
         None,
         ge=1,
         description=(
-            "Most model actors in the pool; Ray Data scales between the two. None: one per GPU the cluster "
-            "has (or its autoscaler can add) with GPU actors, else one per CPU core (fewer where a node's "
+            "Most model actors in the pool; Ray Data scales between the two. None: one per GPU up in the "
+            "cluster (at least one) with GPU actors, else one per CPU core (fewer where a node's "
             "memory cannot hold that many model copies, or the job makes fewer model calls)."
         ),
     )

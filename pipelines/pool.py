@@ -7,12 +7,16 @@
 
 from __future__ import annotations
 
+import logging
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from pipelines.args import ScoringArgs
+
+logger = logging.getLogger(__name__)
 
 # What CPU model actors leave unreserved on their node: the CPU that Ray Data's own tasks (read,
 # repartition, select, write: light beside the model) reserve, so they always find one.
@@ -58,7 +62,6 @@ def pool_sizes(
     args: ScoringArgs,
     cluster_gpus: float,
     nodes: Sequence[NodeShape],
-    launchable_gpus: float = 0,
     calls: int | None = None,
     actor_bytes: float | None = None,
 ) -> PoolSizes:
@@ -66,8 +69,10 @@ def pool_sizes(
 
     Flags (``--actors``, ``--num-gpus``, ``--cpu-threads``, ``--num-cpus``) win; otherwise:
 
-    - with GPUs (now, or ``launchable_gpus`` an autoscaler can add), one model actor per GPU, from 1
-      up to every GPU, each reserving one CPU;
+    - with GPUs (``num_gpus`` 'auto' and GPUs up now, or a number), one model actor per GPU, from 1 up
+      to every GPU up now (at least one: on an autoscaling cluster whose GPU nodes start at zero, the
+      first actor's request makes the autoscaler add one; ``--actors`` asks for more), each
+      reserving one CPU;
     - on CPU-only nodes, one single-threaded model actor per core, each tokenizing its own slices:
       separate processes beat one process's threads on a CPU (measured on 2 cores: BERT-base 1.18x,
       the tiny test model 1.4x). Fewer where the node's memory cannot hold a model copy per core
@@ -75,13 +80,12 @@ def pool_sizes(
       gets the node's spare cores as threads. Together they reserve what the node has beyond one CPU
       (`TASK_CPUS`), where the reads and writes run.
     """
-    gpus = max(cluster_gpus, launchable_gpus)
-    num_gpus = args.actor_gpus(gpus)
+    num_gpus = args.actor_gpus(cluster_gpus)
     if num_gpus > 0:
-        fits = max(1, int(gpus / num_gpus))
+        fits = max(1, int(cluster_gpus / num_gpus))
         min_actors = args.min_actors or 1
         max_actors = args.max_actors or fits
-        reason = f"{gpus:g} GPUs in the cluster, {num_gpus:g} per model actor"
+        reason = f"{cluster_gpus:g} GPUs up in the cluster, {num_gpus:g} per model actor"
         num_cpus = 1.0 if args.num_cpus is None else args.num_cpus
         return PoolSizes(num_gpus, min_actors, max(min_actors, max_actors), args.cpu_threads, num_cpus, reason)
 
@@ -130,16 +134,36 @@ def model_calls(slice_rows: Sequence[int], rows_per_call: int) -> int:
 
 
 def cluster_pool(args: ScoringArgs, calls: int | None, actor_bytes: float | None) -> PoolSizes:
-    """`pool_sizes` on the Ray this process is connected to: its GPUs, its alive nodes, what its autoscaler can add."""
+    """`pool_sizes` on the Ray this process is connected to: its GPUs and its alive nodes.
+
+    Logs a warning when ``num_gpus: auto`` runs CPU actors on a cluster this process joined (see
+    `auto_on_cpu_warning`).
+    """
     import ray
 
-    return pool_sizes(
-        args,
-        ray.cluster_resources().get("GPU", 0.0),
-        _nodes(),
-        _launchable_gpus(),
-        calls=calls,
-        actor_bytes=actor_bytes,
+    gpus = ray.cluster_resources().get("GPU", 0.0)
+    nodes = _nodes()
+    joined = os.environ.get("RAY_ADDRESS", "local") not in ("", "local")
+    warning = auto_on_cpu_warning(args, gpus, len(nodes), joined)
+    if warning:
+        logger.warning(warning)
+    return pool_sizes(args, gpus, nodes, calls=calls, actor_bytes=actor_bytes)
+
+
+def auto_on_cpu_warning(args: ScoringArgs, cluster_gpus: float, node_count: int, joined: bool) -> str | None:
+    """What to say when ``num_gpus: auto`` sees no GPU on a cluster (several nodes, or one this process joined).
+
+    'auto' counts the GPUs that are up when the job starts: Ray 2.60 tells a job nothing of the GPU
+    nodes an autoscaler could add (neither its cluster launcher nor KubeRay report them), so on a
+    cluster whose GPU workers start at zero 'auto' means CPU actors. On a laptop that is the point;
+    on a cluster it is most likely a forgotten ``--num-gpus``, so it is said at start, with the fix.
+    """
+    if args.num_gpus != "auto" or cluster_gpus > 0 or not (joined or node_count > 1):
+        return None
+    return (
+        "num_gpus is 'auto' and no GPU is up in this cluster: the model runs on CPU actors. On an autoscaling "
+        "cluster whose GPU nodes start at zero, ask for GPUs explicitly (--num-gpus 1, or batch.num_gpus: 1) "
+        "and the autoscaler adds GPU nodes for the actors; --num-gpus 0 runs on CPUs without this warning."
     )
 
 
@@ -152,17 +176,3 @@ def _nodes() -> list[NodeShape]:
         for node in ray.nodes()
         if node["Alive"] and node["Resources"].get("CPU", 0) > 0
     ]
-
-
-def _launchable_gpus() -> float:
-    """GPUs the cluster's autoscaler could add, where it tells the GCS (autoscaler v2, KubeRay); else 0.
-
-    Reads Ray's own state API (what Ray Data and Train use to size pools); a Ray without it counts 0.
-    """
-    try:
-        from ray._private.state import state
-
-        limits = state.get_max_resources_from_cluster_config() or {}
-    except Exception:  # a private API: its absence or failure only means "unknown"
-        return 0.0
-    return float(limits.get("GPU", 0) or 0)

@@ -30,9 +30,12 @@ def test_default_pools_put_an_actor_on_every_core_and_one_on_every_gpu() -> None
     on_gpus = pool_sizes(args, cluster_gpus=4, nodes=[NodeShape(8), NodeShape(32), NodeShape(32)])
     assert (on_gpus.num_gpus, on_gpus.min_actors, on_gpus.max_actors, on_gpus.cpu_threads) == (1.0, 1, 4, None)
     assert on_gpus.num_cpus == 1.0
-    # GPU nodes that start at zero: sized by what the autoscaler can add.
-    from_zero = pool_sizes(args.model_copy(update={"num_gpus": 1.0}), 0, [NodeShape(8)], launchable_gpus=4)
-    assert (from_zero.min_actors, from_zero.max_actors) == (1, 4)
+    # GPU nodes that start at zero: a number asks for GPU actors all the same (the autoscaler adds the
+    # nodes); one actor unless --actors asks for more.
+    from_zero = pool_sizes(args.model_copy(update={"num_gpus": 1.0}), 0, [NodeShape(8)])
+    assert (from_zero.num_gpus, from_zero.min_actors, from_zero.max_actors) == (1.0, 1, 1)
+    four = pool_sizes(args.model_copy(update={"num_gpus": 1.0, "min_actors": 1, "max_actors": 4}), 0, [NodeShape(8)])
+    assert (four.num_gpus, four.min_actors, four.max_actors) == (1.0, 1, 4)
     # Flags win.
     fixed = pool_sizes(
         args.model_copy(update={"min_actors": 2, "max_actors": 2, "cpu_threads": 3, "num_cpus": 1.5}),
@@ -51,3 +54,20 @@ def test_small_slices_share_a_model_call() -> None:
     assert model_calls([500] * 4, 1024) == 2  # four 500-row files: 1,500 rows, then 500
     assert model_calls([80, 80, 86], 1024) == 1
     assert model_calls([], 1024) == 0
+
+
+def test_auto_on_a_cluster_without_gpus_says_at_start_that_it_runs_on_cpus_and_how_to_ask_for_gpus() -> None:
+    from pipelines.pool import auto_on_cpu_warning
+
+    auto = PipelineArgs(input="in", output="out")
+    # A head-only autoscaling cluster the job joined (ray job submit sets RAY_ADDRESS), or several nodes.
+    for node_count, joined in ((1, True), (3, False)):
+        warning = auto_on_cpu_warning(auto, 0, node_count, joined)
+        assert warning is not None
+        assert "runs on CPU actors" in warning
+        assert "--num-gpus 1" in warning
+    # A laptop's own Ray, GPUs up, or an explicit number: nothing to say.
+    assert auto_on_cpu_warning(auto, 0, 1, joined=False) is None
+    assert auto_on_cpu_warning(auto, 2, 3, joined=True) is None
+    assert auto_on_cpu_warning(auto.model_copy(update={"num_gpus": 0.0}), 0, 3, joined=True) is None
+    assert auto_on_cpu_warning(auto.model_copy(update={"num_gpus": 1.0}), 0, 3, joined=True) is None
