@@ -19,7 +19,7 @@ from deployments.batcher import Batcher
 from deployments.errors import ApiError, ErrorType
 from deployments.metrics import EndpointMetrics, StageTimes
 from sentiment.config import LongTextStrategy
-from sentiment.devices import limit_threads_to_cores
+from sentiment.engines import backend_of
 from sentiment.errors import DeviceMemoryError
 from sentiment.model import EncodedText, Prediction, SentimentClassifier
 
@@ -67,7 +67,7 @@ class SentimentServer:
         if classifier is None:
             import ray
 
-            limit_threads_to_cores()
+            # Threads: the CPUs this replica reserved (Ray's OMP_NUM_THREADS), at most the cores.
             classifier = SentimentClassifier(args.model.for_gpu_share(self.num_gpus), reserved_gpus=ray.get_gpu_ids())
         self.classifier = classifier
         self.replica_id = _replica_id()
@@ -91,11 +91,13 @@ class SentimentServer:
         )
         info = self.classifier.describe()
         logger.info(
-            "Replica ready: %s on %s (%s; Ray reserved GPU ids %s; memory cap %s), warmed up at %d tokens; "
-            "batches of up to %d texts / %d tokens%s.",
+            "Replica ready: %s on %s (%s %s, %d threads; Ray reserved GPU ids %s; memory cap %s), warmed up at "
+            "%d tokens; batches of up to %d texts / %d tokens%s.",
             args.model.model_id,
             self.classifier.device,
+            info["backend"],
             info["dtype"],
+            info["threads"],
             info["reserved_gpus"],
             "none" if info["gpu_memory_cap_bytes"] is None else f"{info['gpu_memory_cap_bytes'] / 2**30:.1f} GiB",
             self.classifier.max_length,
@@ -265,7 +267,9 @@ def deployment_options(args: ServeArgs, cluster_gpus: float, node_cpus: float = 
     """
     num_gpus = args.ray_actor_options.num_gpus
     if num_gpus == "auto":
-        num_gpus = AUTO_GPU_FRACTION if cluster_gpus > 0 else 0.0
+        # ONNX Runtime runs on the CPU: a replica of it takes no GPU share.
+        on_gpu = cluster_gpus > 0 and backend_of(args.model) == "torch"
+        num_gpus = AUTO_GPU_FRACTION if on_gpu else 0.0
     num_cpus = args.ray_actor_options.num_cpus
     if num_cpus == "auto":
         num_cpus = 1 if num_gpus > 0 else max(1, int(node_cpus))

@@ -44,6 +44,7 @@ from pipelines.staging import (
     run_stats,
     staged_outputs,
 )
+from sentiment.engines import prepare_onnx
 from sentiment.errors import InvalidInputError
 
 __all__ = [
@@ -110,6 +111,8 @@ def run(args: PipelineArgs, progress_interval_s: float = 10.0) -> BatchResult:
     seconds = 0.0
     resolved: dict[str, Any] = {}
     if pending:
+        # ONNX Runtime on a torch checkpoint: exported once into the local cache here, not by every actor.
+        prepare_onnx(args.model)
         import ray
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 

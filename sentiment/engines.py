@@ -86,15 +86,27 @@ def load_engine(
     if backend_of(config) == "torch":
         return TorchEngine(config, reserved_gpus=reserved_gpus, threads=threads)
     resolve_onnx_device(config.device, reserved_gpus)
-    exported = export_directory(config.model_id)
-    if exported is None:
-        # A torch checkpoint: its export from the local cache, made there first if absent.
-        from sentiment.export import cached_export
-
-        exported = cached_export(config, resolve_onnx_dtype(config.dtype, None))
+    exported = onnx_directory(config)
     manifest = read_manifest(exported)
     resolve_onnx_dtype(config.dtype, manifest.dtype)
     return OnnxRuntimeEngine(exported, dtype=manifest.dtype, threads=cpu_threads(threads))
+
+
+def onnx_directory(config: ModelConfig) -> Path:
+    """The ONNX export an onnxruntime engine for ``config`` loads: ``model_id`` itself when it is one,
+    else the torch checkpoint's export from the local cache, made there first if absent (`cached_export`)."""
+    exported = export_directory(config.model_id)
+    if exported is None:
+        from sentiment.export import cached_export
+
+        exported = cached_export(config, resolve_onnx_dtype(config.dtype, None))
+    return exported
+
+
+def prepare_onnx(config: ModelConfig) -> Path | None:
+    """Before Ray starts: the ONNX directory ``config``'s engines will load, exported into the local cache
+    now if needed (so replicas and actors on this machine find it there); None for backend torch."""
+    return None if backend_of(config) == "torch" else onnx_directory(config)
 
 
 # -- torch ---------------------------------------------------------------------------------------

@@ -136,7 +136,8 @@ class SentimentClassifier:
     @property
     def gpu_memory_cap_bytes(self) -> int | None:
         """The CUDA memory cap this process set itself (gpu_memory_fraction); None without one or on a CPU."""
-        return self.describe()["gpu_memory_cap_bytes"]  # type: ignore[no-any-return]
+        cap: int | None = self.engine.describe()["gpu_memory_cap_bytes"]
+        return cap
 
     # -- description -------------------------------------------------------------------------
 
@@ -292,7 +293,7 @@ class SentimentClassifier:
 
     async def apredict(self, texts: Sequence[str], long_text: LongTextStrategy | None = None) -> list[Prediction]:
         """`predict` off the event loop, so an asyncio server keeps serving meanwhile."""
-        return await self.apredict_encoded(await self.aencode(texts, long_text))
+        return [_raise_error(result) for result in await self.apredict_encoded(await self.aencode(texts, long_text))]
 
     async def aencode(self, texts: Sequence[str], long_text: LongTextStrategy | None = None) -> list[EncodedText]:
         """`encode` on the tokenizer thread: a long request does not stall the event loop.
@@ -326,4 +327,4 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     """Row-wise softmax in float32, shifted by each row's maximum so no exponent overflows."""
     logits = np.asarray(logits, dtype=np.float32)
     exponents = np.exp(logits - logits.max(axis=-1, keepdims=True))
-    return exponents / exponents.sum(axis=-1, keepdims=True)  # type: ignore[no-any-return]
+    return exponents / exponents.sum(axis=-1, keepdims=True)
