@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from deployments.args import AUTO_GPU_FRACTION, ServeArgs, parse_serve_args
 from deployments.replica import SentimentServer
+from sentiment.engines import backend_of
 
 if TYPE_CHECKING:
     from ray.serve import Application
@@ -27,7 +28,9 @@ def deployment_options(args: ServeArgs, cluster_gpus: float, node_cpus: float = 
     """
     num_gpus = args.ray_actor_options.num_gpus
     if num_gpus == "auto":
-        num_gpus = AUTO_GPU_FRACTION if cluster_gpus > 0 else 0.0
+        # ONNX Runtime runs on the CPU: a replica of it takes no GPU share.
+        on_gpu = cluster_gpus > 0 and backend_of(args.model) == "torch"
+        num_gpus = AUTO_GPU_FRACTION if on_gpu else 0.0
     num_cpus = args.ray_actor_options.num_cpus
     if num_cpus == "auto":
         num_cpus = 1 if num_gpus > 0 else max(1, int(node_cpus))

@@ -21,6 +21,7 @@ from pydantic import ValidationError
 from deployments.args import ServeArgs
 from sentiment.cli import UsageError, add_model_arguments, load_config_file, model_config_from_args
 from sentiment.config import format_validation_error
+from sentiment.engines import prepare_onnx
 from sentiment.errors import SentimentError
 from sentiment.flags import add_flags, flag_values
 from sentiment.loading import fetch_checkpoint
@@ -123,6 +124,10 @@ def run_serve(args: argparse.Namespace) -> int:
         if not Path(model.model_id).expanduser().is_dir():
             print(f"Fetching model {model.model_id} into the local Hugging Face cache (once)...", flush=True)
         print(f"Model files: {fetch_checkpoint(model)}", flush=True)
+        # ONNX Runtime on a torch checkpoint: exported once into the local cache here, not by every replica.
+        onnx_model = prepare_onnx(model)
+        if onnx_model is not None:
+            print(f"ONNX model: {onnx_model}", flush=True)
         replica_env = {"HF_HUB_OFFLINE": "1"}
 
     import ray

@@ -19,7 +19,6 @@ from deployments.batcher import Batcher
 from deployments.errors import BackendFailure, TooLarge, Unhealthy
 from deployments.metrics import EndpointMetrics, StageTimes
 from sentiment.config import LongTextStrategy
-from sentiment.devices import limit_threads_to_cores
 from sentiment.errors import DeviceMemoryError, SentimentError
 from sentiment.model import EncodedText, Prediction, SentimentClassifier
 
@@ -66,7 +65,7 @@ class SentimentServer:
         if classifier is None:
             import ray
 
-            limit_threads_to_cores()
+            # Threads: the CPUs this replica reserved (Ray's OMP_NUM_THREADS), at most the cores.
             classifier = SentimentClassifier(args.model.for_gpu_share(self.num_gpus), reserved_gpus=ray.get_gpu_ids())
         self.classifier = classifier
         self.replica_id = _replica_id()
@@ -204,11 +203,13 @@ def _log_ready(server: SentimentServer) -> None:
     info = server.classifier.describe()
     cap = info["gpu_memory_cap_bytes"]
     logger.info(
-        "Replica ready: %s on %s (%s; Ray reserved GPU ids %s; memory cap %s), warmed up at %d tokens; "
-        "batches of up to %d texts / %d tokens%s.",
+        "Replica ready: %s on %s (%s %s, %d threads; Ray reserved GPU ids %s; memory cap %s), warmed up at "
+        "%d tokens; batches of up to %d texts / %d tokens%s.",
         server.args.model.model_id,
         server.classifier.device,
+        info["backend"],
         info["dtype"],
+        info["threads"],
         info["reserved_gpus"],
         "none" if cap is None else f"{cap / 2**30:.1f} GiB",
         server.classifier.max_length,

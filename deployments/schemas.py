@@ -221,7 +221,9 @@ class InfoResponse(BaseModel):
     max_length: int
     long_text: str
     head_tokens: int
-    dtype: str = Field(description="Precision of the weights and activations: fp32, bf16 or fp16.")
+    backend: str = Field(description="What runs the forward pass: torch, or onnxruntime (CPU).")
+    dtype: str = Field(description="Precision of the weights: fp32, bf16, fp16, or int8 (onnxruntime).")
+    threads: int = Field(description="CPU threads of one forward pass.")
     device: str = Field(description="Device the model runs on, with its index: cpu or cuda:N.")
     reserved_gpus: list[str] | None = Field(
         description="GPU ids Ray reserved for this replica (empty: none, so it runs on the CPU)."

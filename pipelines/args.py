@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from sentiment.config import ModelConfig, parse_section
+from sentiment.engines import backend_of
 
 
 class ScoringArgs(BaseModel):
@@ -84,7 +85,8 @@ class ScoringArgs(BaseModel):
     def actor_gpus(self, cluster_gpus: float) -> float:
         """GPUs each actor reserves: `num_gpus`, with 'auto' resolved against the cluster's GPUs."""
         if self.num_gpus == "auto":
-            return 1.0 if cluster_gpus > 0 else 0.0
+            # ONNX Runtime runs on the CPU: its actors take no GPU.
+            return 1.0 if cluster_gpus > 0 and backend_of(self.model) == "torch" else 0.0
         return float(self.num_gpus)
 
 

@@ -38,6 +38,7 @@ from pipelines.pool import cluster_pool, model_calls
 from pipelines.read import slice_source
 from pipelines.report import BatchResult, Progress, now, run_report
 from pipelines.staging import RunState, commit, manifest, open_output, prepare, run_stats, staged_outputs
+from sentiment.engines import prepare_onnx
 
 logger = logging.getLogger(__name__)
 
@@ -96,6 +97,8 @@ def _score(
 
     from pipelines.stage import ActorLog
 
+    # ONNX Runtime on a torch checkpoint: exported once into the local cache here, not by every actor.
+    prepare_onnx(args.model)
     if not ray.is_initialized():
         ray.init()
     calls = model_calls([piece.rows for piece in state.pending], args.rows_per_call)

@@ -186,4 +186,4 @@ def actor_bytes(config: ModelConfig) -> float | None:
     parameters = parameter_count(load_model_config(config))
     if parameters is None:
         return None
-    return parameters * (2 if config.dtype in ("bf16", "fp16") else 4) + PROCESS_BYTES
+    return parameters * {"bf16": 2, "fp16": 2, "int8": 1}.get(config.dtype, 4) + PROCESS_BYTES

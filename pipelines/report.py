@@ -120,6 +120,7 @@ def run_report(
             "model_id": model.model_id,
             "revision": model.revision,
             "labels": list(result.labels),
+            "backend": model.backend,
             "dtype": model.dtype,
             "device": model.device,
             "num_gpus_per_actor": resolved.get("num_gpus_per_actor"),

@@ -27,7 +27,7 @@ from pipelines.columns import NUM_TOKENS, ROW_ERROR, STAGE_COLUMNS, TRUNCATED, W
 from pipelines.schema import with_predictions
 from pipelines.texts import text_errors
 from sentiment.config import ModelConfig
-from sentiment.devices import limit_threads_to_cores
+from sentiment.devices import cpu_threads
 from sentiment.encoding import EncodedText, TextEncoder
 from sentiment.errors import DeviceMemoryError
 from sentiment.model import Prediction, SentimentClassifier
@@ -116,17 +116,16 @@ class ModelStage:
         tokenize: bool = False,
         text_column: str = "text",
     ) -> None:
-        """``threads``: torch threads (CPU actors); None: as many as Ray's OMP_NUM_THREADS, at most the cores.
+        """``threads``: forward-pass threads (CPU actors); None: as many as Ray's OMP_NUM_THREADS, at most the cores.
         ``tokenize``: take text batches (texts in ``text_column``) and encode them as `TokenizeStage` does, with
         the classifier's own tokenizer."""
         import ray
-        import torch
 
-        threads = limit_threads_to_cores(threads)
+        threads = cpu_threads(threads)
         if tokenize:
-            # The Rust tokenizer's threads: as many as torch's, read when it first encodes.
+            # The Rust tokenizer's threads: as many as the model's, read when it first encodes.
             os.environ.setdefault("RAYON_NUM_THREADS", str(threads))
-        self.classifier = SentimentClassifier(config, reserved_gpus=ray.get_gpu_ids())
+        self.classifier = SentimentClassifier(config, reserved_gpus=ray.get_gpu_ids(), threads=threads)
         self.tokenize = TokenizeStage(config, text_column, self.classifier.encoder) if tokenize else None
         self.actor_log = actor_log
         self.key = f"{ray.get_runtime_context().get_actor_id()}"
@@ -135,7 +134,8 @@ class ModelStage:
         if actor_log is not None:
             entry = {
                 **self.classifier.describe(),
-                "torch_threads": torch.get_num_threads(),
+                # The engine's threads (torch's or ONNX Runtime's), under the name reports have used.
+                "torch_threads": self.classifier.describe()["threads"],
                 "node_id": ray.get_runtime_context().get_node_id(),
                 "pid": os.getpid(),
             }

@@ -1,6 +1,6 @@
 """The ``sentiment`` command: one entry point above the core and the Ray adapters.
 
-Each layer defines its own subcommands next to the code they drive (``predict`` in
+Each layer defines its own subcommands next to the code they drive (``predict`` and ``export`` in
 `sentiment.cli`, ``serve`` in `deployments.cli`, ``batch`` and ``eval`` in `pipelines.cli`); this
 module only puts them together and runs one. Nothing here imports ray, torch or transformers.
 """

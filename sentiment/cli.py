@@ -1,4 +1,4 @@
-"""The core's part of the ``sentiment`` command: the model flags, the config file, and ``predict``.
+"""The core's part of the ``sentiment`` command: the model flags, the config file, ``predict`` and ``export``.
 
 The command itself (`ray_sentiment.cli`) lives above the core and the Ray adapters and puts
 together their subcommands; the adapters' CLIs (`deployments.cli`, `pipelines.cli`) use the
@@ -65,8 +65,22 @@ def _run_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_export(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from sentiment.export import describe_export, export_checkpoint
+
+    try:
+        config = ModelConfig(model_id=args.model, revision=args.revision, local_files_only=args.local_files_only)
+    except ValidationError as exc:
+        raise UsageError(format_validation_error(exc)) from exc
+    manifest = export_checkpoint(config, args.out_dir, args.dtype, overwrite=args.overwrite)
+    print(describe_export(manifest, Path(args.out_dir)))
+    return 0
+
+
 def register(commands: Any) -> None:
-    """Add the ``predict`` subcommand to the ``sentiment`` command's subparsers."""
+    """Add the ``predict`` and ``export`` subcommands to the ``sentiment`` command's subparsers."""
     predict = commands.add_parser("predict", help="classify texts given on the command line (one JSON line each)")
     predict.add_argument(
         "texts", nargs="+", metavar="TEXT", help="texts to classify; '-' reads one per line from stdin"
@@ -74,3 +88,28 @@ def register(commands: Any) -> None:
     predict.add_argument("--echo", action="store_true", help="include the text in each JSON line")
     add_model_arguments(predict)
     predict.set_defaults(handler=_run_predict)
+
+    export = commands.add_parser(
+        "export",
+        help="write an ONNX Runtime directory (fp32 or int8) from a torch checkpoint",
+        description=(
+            "Export a sequence-classification checkpoint to OUT_DIR: model.onnx with ONNX Runtime's BERT "
+            "fusions (int8: weights quantized), its tokenizer, config.json and manifest.json. Run it with "
+            "--model OUT_DIR (backend onnxruntime, no torch needed). Needs the onnx extra: "
+            "pip install 'ray-sentiment[onnx]'."
+        ),
+    )
+    export.add_argument("model", metavar="MODEL", help="hub id or local directory of a torch checkpoint")
+    export.add_argument("out_dir", metavar="OUT_DIR", help="directory to write (new, or empty)")
+    export.add_argument(
+        "--dtype",
+        choices=("fp32", "int8"),
+        default="fp32",
+        help="fp32: the same scores as torch (within 1e-4); int8: weights quantized, faster, scores move slightly",
+    )
+    export.add_argument("--revision", help="hub revision (branch, tag or commit) of MODEL")
+    export.add_argument(
+        "--local-files-only", action="store_true", help="never contact the hub: MODEL must be local or cached"
+    )
+    export.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it holds files")
+    export.set_defaults(handler=_run_export)

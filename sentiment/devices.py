@@ -107,6 +107,60 @@ def resolve_dtype(requested: str, device: str, capability: tuple[int, int] | Non
     return requested
 
 
+def resolve_backend(requested: str, dtype: str, *, onnx_export: bool) -> str:
+    """The engine that runs the forward pass: 'torch' or 'onnxruntime'.
+
+    ``onnx_export``: the model directory was written by ``sentiment export``. 'auto' picks ONNX
+    Runtime for int8 (only it runs int8) and for an export (only it can), torch otherwise. The
+    config alone already refused int8 with torch (`ModelConfig`); what a directory holds is checked here.
+    """
+    if requested == "torch":
+        if onnx_export:
+            raise ModelLoadError(
+                "the model directory is an ONNX export (model.onnx), which torch cannot run; use backend "
+                "'onnxruntime' or 'auto', or point model_id at the torch checkpoint it was exported from"
+            )
+        return "torch"
+    if requested == "onnxruntime" or dtype == "int8" or onnx_export:
+        return "onnxruntime"
+    return "torch"
+
+
+def resolve_onnx_device(requested: str, reserved_gpus: Sequence[int | str] | None) -> str:
+    """The device of an ONNX Runtime engine: always the CPU (the ``onnxruntime`` package runs there only).
+
+    A process that Ray gave a GPU is refused rather than left to idle its card: a GPU wants backend torch.
+    """
+    if requested.startswith("cuda"):
+        raise ModelLoadError(
+            f"backend onnxruntime runs on the CPU, not on device {requested!r}; use device 'cpu' or 'auto', "
+            "or backend torch (dtype auto) on a GPU"
+        )
+    if reserved_gpus:
+        raise ModelLoadError(
+            f"backend onnxruntime runs on the CPU, but Ray reserved GPU ids {list(reserved_gpus)} for this "
+            "process; give it num_gpus 0, or run backend torch (dtype auto) on the GPU"
+        )
+    return "cpu"
+
+
+def resolve_onnx_dtype(requested: str, exported: str | None) -> str:
+    """The precision of an ONNX Runtime engine, 'fp32' or 'int8'.
+
+    ``exported``: the precision of the ONNX export ``model_id`` names, None when it names a torch
+    checkpoint (exported on demand at the precision asked). An export keeps its precision: 'auto'
+    means it, another is refused.
+    """
+    if exported is None:
+        return "int8" if requested == "int8" else "fp32"
+    if requested in ("auto", exported):
+        return exported
+    raise ModelLoadError(
+        f"the model directory is an {exported} ONNX export; use dtype 'auto' or {exported!r} with it, or export "
+        f"the torch checkpoint again with `sentiment export MODEL OUT_DIR --dtype {requested}`"
+    )
+
+
 def gpu_memory_fraction(configured: float | None, num_gpus: float) -> float | None:
     """The CUDA memory cap of a process that reserved ``num_gpus`` from Ray.
 
@@ -119,6 +173,27 @@ def gpu_memory_fraction(configured: float | None, num_gpus: float) -> float | No
     return num_gpus if 0 < num_gpus < 1 else None
 
 
+def available_cpus() -> int:
+    """The CPUs this process may run on (container limits set through affinity included)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def cpu_threads(wanted: int | None = None) -> int:
+    """The threads a forward pass on the CPU uses: ``wanted``, else ``OMP_NUM_THREADS``, else every
+    CPU this process may use; never more than those CPUs.
+
+    Ray sets ``OMP_NUM_THREADS`` from an actor's logical CPUs, so a replica or a batch actor runs
+    with the CPUs it reserved: the count torch reads from that variable too. A test or an operator
+    may set it above the real cores; more threads than cores only makes a forward pass slower.
+    No torch here: ONNX Runtime sessions take this count.
+    """
+    cpus = available_cpus()
+    if wanted is None:
+        omp = os.environ.get("OMP_NUM_THREADS", "").strip()
+        wanted = int(omp) if omp.isdigit() and int(omp) > 0 else cpus
+    return max(1, min(wanted, cpus))
+
+
 def limit_threads_to_cores(wanted: int | None = None) -> int:
     """Set torch's intra-op threads to ``wanted`` (default: what torch has), capped at the CPUs this
     process may use; return the count.
@@ -128,8 +203,6 @@ def limit_threads_to_cores(wanted: int | None = None) -> int:
     """
     import torch
 
-    # The CPUs this process may run on (container limits set through affinity included).
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    threads = max(1, min(wanted or torch.get_num_threads(), cpus))
+    threads = cpu_threads(wanted or torch.get_num_threads())
     torch.set_num_threads(threads)
     return threads

@@ -1,7 +1,8 @@
 """Checkpoint loading, decided once: where a model id points, and its config, tokenizer and weights.
 
 `sentiment predict`, the Serve replicas, the batch job's planning and its tokenize and model stages
-all load through here, so a wrong ``--model`` gets the same error everywhere. `fetch_checkpoint`
+all load through here, so a wrong ``--model`` gets the same error everywhere. A directory written by
+`sentiment export` (`sentiment.exported`) is read without transformers, so without torch. `fetch_checkpoint`
 gets a hub checkpoint into the local cache once, before anything starts, so that ``sentiment serve``
 fails in seconds on a model it cannot get and its replicas never download anything.
 """
@@ -14,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from sentiment.config import ModelConfig
 from sentiment.errors import ModelLoadError
+from sentiment.exported import ExportedTokenizer, export_directory, read_manifest, read_model_config
 
 if TYPE_CHECKING:
     import torch
@@ -80,8 +82,13 @@ def fetch_checkpoint(config: ModelConfig) -> Path:
     the fix. Download progress goes to the terminal (stderr). With ``HF_HUB_OFFLINE=1`` or
     ``local_files_only``, a hub id must already be in the cache.
     """
-    source, common = _source(config)
-    directory = Path(source) if Path(source).is_dir() else _download(config, source, common)
+    exported = export_directory(config.model_id)
+    if exported is not None:
+        read_manifest(exported)
+        load_model_config(config)
+        load_tokenizer(config)
+        return exported
+    directory = local_checkpoint(config)
     if not any((directory / name).is_file() for name in _WEIGHT_FILES):
         raise ModelLoadError(
             f"could not load model {config.model_id!r}: {directory} has no weights "
@@ -91,6 +98,24 @@ def fetch_checkpoint(config: ModelConfig) -> Path:
     load_model_config(local)
     load_tokenizer(local)
     return directory
+
+
+def local_checkpoint(config: ModelConfig) -> Path:
+    """The checkpoint's local directory: ``model_id`` itself, or the hub snapshot in the local cache
+    (downloaded first unless offline). Checks nothing of what it holds (see `fetch_checkpoint`)."""
+    source, common = _source(config)
+    return Path(source) if Path(source).is_dir() else _download(config, source, common)
+
+
+def checkpoint_files(directory: Path) -> list[Path]:
+    """The files of a checkpoint directory that make the model: config, tokenizer and weights (sorted).
+
+    The same patterns that decide what is downloaded, so a local directory's other files (training
+    state, logs) do not count.
+    """
+    patterns = (*_CHECKPOINT_FILES, *_SAFETENSORS, *_PICKLED)
+    found = {path for pattern in patterns for path in Path(directory).glob(pattern) if path.is_file()}
+    return sorted(found)
 
 
 def _download(config: ModelConfig, repo_id: str, common: dict[str, Any]) -> Path:
@@ -113,7 +138,13 @@ def _download(config: ModelConfig, repo_id: str, common: dict[str, Any]) -> Path
 
 
 def load_model_config(config: ModelConfig) -> Any:
-    """The checkpoint's ``config.json`` (a transformers ``PretrainedConfig``), without weights or tokenizer."""
+    """The checkpoint's ``config.json`` (a transformers ``PretrainedConfig``), without weights or tokenizer.
+
+    For an ONNX export, its ``config.json`` read without transformers (`sentiment.exported.read_model_config`).
+    """
+    exported = export_directory(config.model_id)
+    if exported is not None:
+        return read_model_config(exported)
     from transformers import AutoConfig
 
     source, common = _source(config)
@@ -142,7 +173,13 @@ def parameter_count(model_config: Any) -> int | None:
 
 
 def load_tokenizer(config: ModelConfig) -> Any:
-    """The checkpoint's fast tokenizer; a checkpoint without one (no tokenizer.json) is refused."""
+    """The checkpoint's fast tokenizer; a checkpoint without one (no tokenizer.json) is refused.
+
+    For an ONNX export, its ``tokenizer.json`` through the tokenizers library alone (`ExportedTokenizer`).
+    """
+    exported = export_directory(config.model_id)
+    if exported is not None:
+        return ExportedTokenizer(exported)
     from transformers import AutoTokenizer
 
     source, common = _source(config)
@@ -155,8 +192,12 @@ def load_tokenizer(config: ModelConfig) -> Any:
     return tokenizer
 
 
-def load_model(config: ModelConfig, dtype: torch.dtype) -> Any:
-    """The sequence-classification model in ``dtype``, safetensors preferred, on the CPU."""
+def load_model(config: ModelConfig, dtype: torch.dtype, attn_implementation: str = "sdpa") -> Any:
+    """The sequence-classification model in ``dtype``, safetensors preferred, on the CPU.
+
+    ``attn_implementation``: 'sdpa' to run it; the ONNX export traces 'eager', whose attention
+    ONNX Runtime's BERT fusion recognizes.
+    """
     from transformers import AutoModelForSequenceClassification
 
     source, common = _source(config)
@@ -164,7 +205,7 @@ def load_model(config: ModelConfig, dtype: torch.dtype) -> Any:
         return AutoModelForSequenceClassification.from_pretrained(
             source,
             dtype=dtype,
-            attn_implementation="sdpa",
+            attn_implementation=attn_implementation,
             # safetensors is preferred when both exist; a .bin-only checkpoint goes through
             # torch.load(weights_only=True), which refuses arbitrary pickled objects.
             weights_only=True,

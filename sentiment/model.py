@@ -1,8 +1,10 @@
 """`SentimentClassifier`: the one model class behind the HTTP endpoint, the batch pipeline and the CLI.
 
-It loads a Hugging Face sequence-classification checkpoint, cuts long texts by a configured
-strategy, packs inputs into batches under a token budget (sorted by length, each batch padded only
-to its own longest member) and returns one `Prediction` per text in input order.
+It loads a Hugging Face sequence-classification checkpoint (or its ONNX export), cuts long texts by
+a configured strategy, packs inputs into batches under a token budget (sorted by length, each batch
+padded only to its own longest member) and returns one `Prediction` per text in input order. What
+runs the forward pass is an engine (`sentiment.engines`: torch, or ONNX Runtime on the CPU) behind
+one seam, ids and mask in, logits out; everything else here is one code path for both.
 
 Ray and Arrow are never imported here: a Serve replica awaits `apredict_encoded`, the batch job's
 model stage (`pipelines.stage`) calls `predict_encoded` on texts its tokenize stage encoded, and
@@ -13,22 +15,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from sentiment.config import LongTextStrategy, ModelConfig, auto_max_batch_tokens
-from sentiment.devices import resolve_device, resolve_dtype
 from sentiment.encoding import EncodedText, TextEncoder
+from sentiment.engines import Engine, load_engine
 from sentiment.errors import DeviceMemoryError
-from sentiment.loading import load_model
-
-if TYPE_CHECKING:
-    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -82,40 +79,32 @@ class SentimentClassifier:
     'pos'
     """
 
-    def __init__(self, config: ModelConfig | None = None, *, reserved_gpus: Sequence[int | str] | None = None) -> None:
-        """Load the checkpoint onto the device ``config.device`` resolves to.
+    def __init__(
+        self,
+        config: ModelConfig | None = None,
+        *,
+        reserved_gpus: Sequence[int | str] | None = None,
+        threads: int | None = None,
+        engine: Engine | None = None,
+    ) -> None:
+        """Load the tokenizer and the engine ``config`` asks for (`sentiment.engines.load_engine`).
 
         ``reserved_gpus`` is ``ray.get_gpu_ids()`` when this runs in a Ray worker (an empty list: the
         worker reserved no GPU and runs on the CPU), None outside Ray; see `sentiment.devices`.
+        ``threads``: CPU threads of a forward pass; None: the CPUs this process owns. ``engine``: one
+        already loaded (tests), used instead.
         """
-        import torch
-
         self.config = config or ModelConfig()
         self.reserved_gpus = None if reserved_gpus is None else list(reserved_gpus)
-        self.device = torch.device(
-            resolve_device(
-                self.config.device,
-                cuda_available=torch.cuda.is_available(),
-                reserved_gpus=self.reserved_gpus,
-                visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"),
-            )
-        )
-        capability = torch.cuda.get_device_capability(self.device) if self.device.type == "cuda" else None
-        self.dtype = _torch_dtype(resolve_dtype(self.config.dtype, str(self.device), capability))
-        self.gpu_memory_cap_bytes: int | None = None
-        if self.device.type == "cuda":
-            torch.cuda.set_device(self.device)
-            if self.config.gpu_memory_fraction is not None:
-                # The device carries its index: torch refuses a bare "cuda" here.
-                torch.cuda.set_per_process_memory_fraction(self.config.gpu_memory_fraction, self.device)
-                total = torch.cuda.get_device_properties(self.device).total_memory
-                self.gpu_memory_cap_bytes = int(total * self.config.gpu_memory_fraction)
+        self.encoder = TextEncoder(self.config)
+        self.engine: Engine = engine or load_engine(self.config, reserved_gpus=self.reserved_gpus, threads=threads)
+        self.backend = self.engine.backend
+        self.device = self.engine.device
+        """'cpu' or 'cuda:N'."""
+        self.dtype = self.engine.dtype
+        """'fp32', 'bf16', 'fp16' or 'int8'."""
         self.oom_splits = 0
         """Forward passes split in two after running out of GPU memory, since this classifier loaded."""
-        self.encoder = TextEncoder(self.config)
-        self.model = load_model(self.config, self.dtype)
-        self.model.to(self.device)
-        self.model.eval()
         self.tokenizer = self.encoder.tokenizer
         self.labels = self.encoder.labels
         self.max_length = self.encoder.max_length
@@ -125,7 +114,7 @@ class SentimentClassifier:
         self.tokens_padded = 0
         """The same, padding included: ``1 - tokens_run / tokens_padded`` is the share spent on padding."""
         self.forward_max_tokens: int = (
-            auto_max_batch_tokens(self.device.type, _DTYPE_NAMES[str(self.dtype)])
+            auto_max_batch_tokens(self.device.split(":")[0], self.dtype)
             if self.config.forward_max_tokens == "auto"
             else int(self.config.forward_max_tokens)
         )
@@ -136,10 +125,25 @@ class SentimentClassifier:
         self._executor: ThreadPoolExecutor | None = None
         self._encode_executor: ThreadPoolExecutor | None = None
 
+    @property
+    def model(self) -> Any:
+        """The torch module (backend torch only): for FLOP counts and benchmarks that time it bare."""
+        model = getattr(self.engine, "model", None)
+        if model is None:
+            raise AttributeError(f"backend {self.backend} has no torch model")
+        return model
+
+    @property
+    def gpu_memory_cap_bytes(self) -> int | None:
+        """The CUDA memory cap this process set itself (gpu_memory_fraction); None without one or on a CPU."""
+        cap: int | None = self.engine.describe()["gpu_memory_cap_bytes"]
+        return cap
+
     # -- description -------------------------------------------------------------------------
 
     def describe(self) -> dict[str, Any]:
         """What runs, for `/info` endpoints and run reports."""
+        engine = self.engine.describe()
         return {
             "model": self.config.model_id,
             "revision": self.config.revision,
@@ -147,22 +151,20 @@ class SentimentClassifier:
             "max_length": self.max_length,
             "long_text": self.config.long_text,
             "head_tokens": self.head_tokens,
-            "dtype": _DTYPE_NAMES[str(self.dtype)],
-            "device": str(self.device),
+            "backend": self.backend,
+            "dtype": self.dtype,
+            "device": self.device,
+            "threads": engine["threads"],
             "reserved_gpus": None if self.reserved_gpus is None else [str(gpu) for gpu in self.reserved_gpus],
-            "gpu_memory_fraction": self.config.gpu_memory_fraction if self.device.type == "cuda" else None,
-            "gpu_memory_cap_bytes": self.gpu_memory_cap_bytes,
+            "gpu_memory_fraction": engine["gpu_memory_fraction"],
+            "gpu_memory_cap_bytes": engine["gpu_memory_cap_bytes"],
             "forward_max_tokens": self.forward_max_tokens,
             "forward_max_inputs": self.config.forward_max_inputs,
         }
 
     def peak_gpu_memory_bytes(self) -> int | None:
         """Most CUDA memory this process has held at once (``torch.cuda.max_memory_allocated``); None on a CPU."""
-        if self.device.type != "cuda":
-            return None
-        import torch
-
-        return int(torch.cuda.max_memory_allocated(self.device))
+        return self.engine.peak_memory_bytes()
 
     # -- encoding ----------------------------------------------------------------------------
 
@@ -199,9 +201,7 @@ class SentimentClassifier:
         return probabilities, sorted(failed)
 
     def _forward_splitting(self, batch: list[int], sequences: Sequence[Sequence[int]], out: np.ndarray) -> list[int]:
-        """Run ``batch`` (indices into ``sequences``) into ``out``, halving on CUDA OOM; the indices that never fit."""
-        import torch
-
+        """Run ``batch`` (indices into ``sequences``) into ``out``, halving on OOM; the indices that never fit."""
         pending = [batch]
         failed: list[int] = []
         while pending:
@@ -209,12 +209,11 @@ class SentimentClassifier:
             try:
                 out[part] = self._forward_batch([sequences[i] for i in part])
                 continue
-            except torch.cuda.OutOfMemoryError:
+            except self.engine.memory_errors:
                 # Handled after the except block: until it ends, the traceback keeps the failed
                 # pass's activations alive, and emptying the cache could free nothing.
                 pass
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
+            self.engine.release_memory()
             if len(part) == 1:
                 failed.append(part[0])
                 continue
@@ -239,21 +238,17 @@ class SentimentClassifier:
         )
 
     def _forward_batch(self, batch: list[Sequence[int]]) -> np.ndarray:
-        """One forward pass over ``batch``, padded to its longest member: the seam tests inject faults at."""
-        import torch
+        """One forward pass over ``batch``, padded to its longest member: the seam tests inject faults at.
 
+        The engine returns logits; probabilities are taken here in float32, the same for every engine.
+        """
         longest = max(len(sequence) for sequence in batch)
         input_ids = np.full((len(batch), longest), self._pad_id, dtype=np.int64)
         attention_mask = np.zeros((len(batch), longest), dtype=np.int64)
         for row, sequence in enumerate(batch):
             input_ids[row, : len(sequence)] = sequence
             attention_mask[row, : len(sequence)] = 1
-        with torch.inference_mode():
-            logits = self.model(
-                input_ids=torch.from_numpy(input_ids).to(self.device),
-                attention_mask=torch.from_numpy(attention_mask).to(self.device),
-            ).logits
-            return logits.float().softmax(dim=-1).cpu().numpy()
+        return softmax(self.engine.forward(input_ids, attention_mask))
 
     def predict_encoded(self, encoded: Sequence[EncodedText]) -> list[Prediction | DeviceMemoryError]:
         """One result per encoded text, in order: its `Prediction`, or the error that text alone met.
@@ -298,7 +293,7 @@ class SentimentClassifier:
 
     async def apredict(self, texts: Sequence[str], long_text: LongTextStrategy | None = None) -> list[Prediction]:
         """`predict` off the event loop, so an asyncio server keeps serving meanwhile."""
-        return await self.apredict_encoded(await self.aencode(texts, long_text))
+        return [_raise_error(result) for result in await self.apredict_encoded(await self.aencode(texts, long_text))]
 
     async def aencode(self, texts: Sequence[str], long_text: LongTextStrategy | None = None) -> list[EncodedText]:
         """`encode` on the tokenizer thread: a long request does not stall the event loop.
@@ -328,12 +323,8 @@ def _raise_error(result: Prediction | DeviceMemoryError) -> Prediction:
     return result
 
 
-# -- loading -----------------------------------------------------------------------------------
-
-_DTYPE_NAMES = {"torch.float32": "fp32", "torch.bfloat16": "bf16", "torch.float16": "fp16"}
-
-
-def _torch_dtype(name: str) -> torch.dtype:
-    import torch
-
-    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise softmax in float32, shifted by each row's maximum so no exponent overflows."""
+    logits = np.asarray(logits, dtype=np.float32)
+    exponents = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    return exponents / exponents.sum(axis=-1, keepdims=True)

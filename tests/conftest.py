@@ -36,6 +36,35 @@ def tiny_checkpoint(checkpoints: Path) -> Path:
     return make_checkpoint(checkpoints / "tiny")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def onnx_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where exports made on demand (backend onnxruntime on a torch checkpoint) go: never ~/.cache.
+
+    Set before the shared Ray starts, and passed to its workers, so replicas and actors look here too.
+    """
+    path = tmp_path_factory.mktemp("onnx-cache")
+    os.environ["SENTIMENT_ONNX_CACHE"] = str(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx(tiny_checkpoint: Path, checkpoints: Path) -> Path:
+    """The tiny checkpoint exported to ONNX in fp32 (`sentiment export`)."""
+    from sentiment.export import export_checkpoint
+
+    export_checkpoint(ModelConfig(model_id=str(tiny_checkpoint)), checkpoints / "tiny-onnx-fp32", "fp32")
+    return checkpoints / "tiny-onnx-fp32"
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx_int8(tiny_checkpoint: Path, checkpoints: Path) -> Path:
+    """The tiny checkpoint exported to ONNX with int8 weights."""
+    from sentiment.export import export_checkpoint
+
+    export_checkpoint(ModelConfig(model_id=str(tiny_checkpoint)), checkpoints / "tiny-onnx-int8", "int8")
+    return checkpoints / "tiny-onnx-int8"
+
+
 @pytest.fixture(scope="session")
 def classifier(tiny_checkpoint: Path) -> SentimentClassifier:
     """On the CPU whatever the host has: the tests that use it assert CPU budgets and fp32 results."""
@@ -43,7 +72,7 @@ def classifier(tiny_checkpoint: Path) -> SentimentClassifier:
 
 
 @pytest.fixture(scope="session")
-def ray_session() -> Iterator[Any]:
+def ray_session(onnx_cache: Path) -> Iterator[Any]:
     """One local Ray for the whole test session: 8 logical CPUs and 1 logical GPU.
 
     The GPU is a scheduling resource only (torch sees none here), which is what the fractional-GPU
@@ -57,7 +86,13 @@ def ray_session() -> Iterator[Any]:
             num_gpus=1,
             include_dashboard=False,
             log_to_driver=False,
-            runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}},
+            runtime_env={
+                "env_vars": {
+                    "HF_HUB_OFFLINE": "1",
+                    "TOKENIZERS_PARALLELISM": "false",
+                    "SENTIMENT_ONNX_CACHE": str(onnx_cache),
+                }
+            },
         )
     yield ray
     ray.shutdown()

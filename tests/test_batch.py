@@ -213,6 +213,7 @@ def test_run_report_holds_the_numbers_of_the_output_and_the_summary_line_comes_f
         "model_id": str(tiny_checkpoint),
         "revision": None,
         "labels": ["neg", "pos"],
+        "backend": "auto",
         "dtype": "auto",
         "device": "auto",
         # num_gpus auto on a Ray with a (logical) GPU: one GPU per actor.
@@ -256,6 +257,43 @@ def test_actors_that_reserved_no_gpu_run_on_the_cpu(ray_session: Any, corpus: Pa
     assert all(
         (actor["reserved_gpus"], actor["device"], actor["dtype"]) == ([], "cpu", "fp32") for actor in report["actors"]
     )
+
+
+@pytest.mark.parametrize("model", ["fp32 export", "int8 on the checkpoint"])
+def test_onnx_runtime_actors_score_as_torch_on_the_cpu_and_the_report_says_so(
+    ray_session: Any,
+    tmp_path: Path,
+    tiny_onnx: Path,
+    tiny_checkpoint: Path,
+    classifier: SentimentClassifier,
+    model: str,
+) -> None:
+    corpus = tmp_path / "in"
+    write_corpus(corpus, rows=48, files=1, seed=11)
+    out = tmp_path / "out"
+    flags = ["--model", str(tiny_onnx)]
+    if model == "int8 on the checkpoint":
+        flags = ["--model", str(tiny_checkpoint), "--dtype", "int8"]
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(["batch", str(corpus), str(out), *flags, "--rows-per-call", "16"]) == 0
+    report = json.loads((out / "_report.json").read_text())
+    # The shared Ray has a (logical) GPU: num_gpus auto gives ONNX Runtime actors none.
+    assert report["model"]["num_gpus_per_actor"] == 0.0
+    dtype = "fp32" if model == "fp32 export" else "int8"
+    assert report["actors"]
+    for actor in report["actors"]:
+        assert (actor["backend"], actor["dtype"], actor["device"], actor["reserved_gpus"]) == (
+            "onnxruntime",
+            dtype,
+            "cpu",
+            [],
+        )
+        assert actor["threads"] >= 1
+    got = read_sorted(out)
+    want = classifier.predict(got.column("text").to_pylist())
+    assert got.column("num_tokens").to_pylist() == [p.num_tokens for p in want]
+    tolerance = 1e-4 if dtype == "fp32" else 0.2  # int8 on random weights: only near fp32
+    assert got.column("score_pos").to_pylist() == pytest.approx([p.scores["pos"] for p in want], abs=tolerance)
 
 
 def test_resume_of_a_complete_output_has_nothing_to_do(

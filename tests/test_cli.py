@@ -98,3 +98,28 @@ def test_a_new_field_makes_its_flag_appear_with_no_cli_change() -> None:
     args = parser.parse_args(["--pool", "mean", "--warmup-tokens", "128", "--scale", "0.5", "--model", "m"])
     assert flag_values(args, dests) == {"pool": "mean", "warmup_tokens": 128, "scale": 0.5, "model_id": "m"}
     assert flag_values(parser.parse_args(["--warmup-tokens", "auto"]), dests) == {"warmup_tokens": "auto"}
+
+
+def test_predict_on_an_onnx_export_gives_torchs_scores(
+    tiny_onnx: Path, classifier: SentimentClassifier, capsys: pytest.CaptureFixture[str]
+) -> None:
+    texts = ["a wonderful film", "the worst movie", " ".join(["boring"] * 700)]
+    assert main(["predict", *texts, "--model", str(tiny_onnx)]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    for line, want in zip(lines, classifier.predict(texts), strict=True):
+        assert line["label"] == want.label
+        assert line["scores"]["pos"] == pytest.approx(want.scores["pos"], abs=1e-4)
+
+
+def test_predict_with_dtype_int8_runs_onnx_runtime_on_a_torch_checkpoint(
+    tiny_checkpoint: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["predict", "a wonderful film", "--model", str(tiny_checkpoint), "--dtype", "int8"]) == 0
+    (line,) = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert sum(line["scores"].values()) == pytest.approx(1.0, abs=1e-6)
+
+
+def test_int8_on_a_gpu_is_refused_before_anything_loads(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["predict", "x", "--model", "./absent", "--dtype", "int8", "--device", "cuda"]) == 2
+    err = capsys.readouterr().err
+    assert "model: Value error, dtype int8 runs on the CPU (ONNX Runtime), not on device 'cuda'; use device" in err

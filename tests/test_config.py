@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -35,6 +36,29 @@ def test_config_errors_name_the_field(fields: dict[str, object], named: str) -> 
         ModelConfig(**fields)  # type: ignore[arg-type]
     message = format_validation_error(info.value, prefix="model.")
     assert message.startswith(f"model.{named}:")
+
+
+@pytest.mark.parametrize(
+    ("fields", "says"),
+    [
+        ({"dtype": "int8", "device": "cuda"}, "dtype int8 runs on the CPU (ONNX Runtime), not on device 'cuda'; use"),
+        ({"dtype": "int8", "device": "cuda:1"}, "or dtype auto (bf16 or fp16) on a GPU"),
+        ({"dtype": "int8", "backend": "torch"}, "dtype int8 runs on ONNX Runtime only; use backend 'onnxruntime'"),
+        ({"backend": "onnxruntime", "dtype": "bf16"}, "backend onnxruntime runs fp32 or int8, not bf16; use"),
+        ({"backend": "onnxruntime", "device": "cuda"}, "backend onnxruntime runs on the CPU, not on device 'cuda'"),
+    ],
+)
+def test_an_engine_that_cannot_run_what_is_asked_is_refused_saying_what_to_use(
+    fields: dict[str, str], says: str
+) -> None:
+    with pytest.raises(ValidationError, match=re.escape(says)):
+        ModelConfig(**fields)  # type: ignore[arg-type]
+
+
+def test_int8_and_onnx_runtime_take_the_cpu() -> None:
+    assert ModelConfig(dtype="int8").backend == "auto"
+    assert ModelConfig(dtype="int8", device="cpu", backend="onnxruntime").dtype == "int8"
+    assert ModelConfig(backend="onnxruntime", dtype="fp32", device="auto").device == "auto"
 
 
 def test_max_batch_tokens_takes_a_count_or_auto() -> None:

@@ -7,12 +7,23 @@ what it decides from as arguments and is exercised here with the values a GPU ho
 from __future__ import annotations
 
 import logging
+import re
 
 import pytest
 import torch
 from torch._utils import _get_device_index
 
-from sentiment.devices import cuda_index, gpu_memory_fraction, resolve_device, resolve_dtype
+from sentiment.devices import (
+    available_cpus,
+    cpu_threads,
+    cuda_index,
+    gpu_memory_fraction,
+    resolve_backend,
+    resolve_device,
+    resolve_dtype,
+    resolve_onnx_device,
+    resolve_onnx_dtype,
+)
 from sentiment.errors import ModelLoadError
 
 
@@ -107,3 +118,67 @@ def test_forced_bf16_on_an_old_gpu_is_kept_with_a_warning(caplog: pytest.LogCapt
 )
 def test_a_fractional_gpu_caps_memory_to_its_share(configured: float | None, num_gpus: float, expected: float) -> None:
     assert gpu_memory_fraction(configured, num_gpus) == expected
+
+
+# -- which engine, on what, with how many threads ----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("requested", "dtype", "onnx_export", "expected"),
+    [
+        ("auto", "auto", False, "torch"),
+        ("auto", "bf16", False, "torch"),
+        ("auto", "int8", False, "onnxruntime"),
+        ("auto", "auto", True, "onnxruntime"),
+        ("onnxruntime", "fp32", False, "onnxruntime"),
+        ("torch", "fp32", False, "torch"),
+    ],
+)
+def test_auto_backend_is_onnx_runtime_for_int8_and_for_an_export(
+    requested: str, dtype: str, onnx_export: bool, expected: str
+) -> None:
+    assert resolve_backend(requested, dtype, onnx_export=onnx_export) == expected
+
+
+def test_torch_cannot_run_an_export() -> None:
+    with pytest.raises(ModelLoadError, match=r"ONNX export .* use backend 'onnxruntime' or 'auto'"):
+        resolve_backend("torch", "auto", onnx_export=True)
+
+
+@pytest.mark.parametrize(("requested", "reserved"), [("auto", None), ("auto", []), ("cpu", [])])
+def test_onnx_runtime_runs_on_the_cpu(requested: str, reserved: list[int] | None) -> None:
+    assert resolve_onnx_device(requested, reserved) == "cpu"
+
+
+@pytest.mark.parametrize(
+    ("requested", "reserved", "says"),
+    [("cuda", None, "not on device 'cuda'"), ("auto", [0], "Ray reserved GPU ids [0] for this process")],
+)
+def test_onnx_runtime_on_a_gpu_is_refused_saying_what_to_use(requested: str, reserved: list[int], says: str) -> None:
+    with pytest.raises(ModelLoadError, match=re.escape(says)):
+        resolve_onnx_device(requested, reserved)
+
+
+@pytest.mark.parametrize(
+    ("requested", "exported", "expected"),
+    [("auto", None, "fp32"), ("fp32", None, "fp32"), ("int8", None, "int8"), ("auto", "int8", "int8")],
+)
+def test_onnx_precision_is_the_exports_or_the_one_asked(requested: str, exported: str | None, expected: str) -> None:
+    assert resolve_onnx_dtype(requested, exported) == expected
+
+
+def test_an_export_of_another_precision_is_refused_naming_the_command_that_makes_one() -> None:
+    with pytest.raises(ModelLoadError, match=re.escape("sentiment export MODEL OUT_DIR --dtype fp32")):
+        resolve_onnx_dtype("fp32", "int8")
+
+
+def test_cpu_threads_are_those_asked_else_rays_else_every_cpu_never_more(monkeypatch: pytest.MonkeyPatch) -> None:
+    cpus = available_cpus()
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert cpu_threads() == cpus
+    assert cpu_threads(1) == 1
+    assert cpu_threads(cpus + 7) == cpus
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert cpu_threads() == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", str(cpus + 7))
+    assert cpu_threads() == cpus

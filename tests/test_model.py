@@ -92,7 +92,7 @@ def test_predictions_match_unpadded_reference_for_every_batching(
     tiny_checkpoint: Path, expected: dict[str, np.ndarray], batching: dict[str, int]
 ) -> None:
     classifier = SentimentClassifier(ModelConfig(model_id=str(tiny_checkpoint), device="cpu", **batching))
-    assert classifier.dtype == torch.float32
+    assert classifier.dtype == "fp32"
     for strategy in STRATEGIES:
         predictions = classifier.predict(TEXTS, long_text=strategy)  # type: ignore[arg-type]
         got = np.array([[p.scores["neg"], p.scores["pos"]] for p in predictions])
@@ -234,6 +234,7 @@ def test_describe_reports_what_runs(classifier: SentimentClassifier, tiny_checkp
     info = classifier.describe()
     assert info["model"] == str(tiny_checkpoint)
     assert (info["labels"], info["max_length"], info["dtype"], info["device"]) == (["neg", "pos"], 512, "fp32", "cpu")
+    assert info["backend"] == "torch"
     # The default budget, 'auto', resolved for the device and precision that run.
     assert info["forward_max_tokens"] == classifier.forward_max_tokens == 1024
 
@@ -262,7 +263,7 @@ def test_auto_budget_follows_the_precision_and_an_explicit_budget_is_kept(tiny_c
 
 def test_bf16_runs_and_stays_close_to_fp32(tiny_checkpoint: Path, classifier: SentimentClassifier) -> None:
     bf16 = SentimentClassifier(ModelConfig(model_id=str(tiny_checkpoint), dtype="bf16", device="cpu"))
-    assert bf16.dtype == torch.bfloat16
+    assert bf16.dtype == "bf16"
     got = [p.scores["pos"] for p in bf16.predict(TEXTS[:20])]
     want = [p.scores["pos"] for p in classifier.predict(TEXTS[:20])]
     assert got == pytest.approx(want, abs=0.05)

@@ -194,7 +194,7 @@ def test_health_readiness_info_and_docs(client: TestClient, classifier: Sentimen
     assert info["labels"] == ["neg", "pos"]
     assert info["max_length"] == 512
     assert info["long_text"] == "head_tail"
-    assert (info["dtype"], info["device"]) == ("fp32", "cpu")
+    assert (info["backend"], info["dtype"], info["device"]) == ("torch", "fp32", "cpu")
     assert (info["gather_max_texts"], info["gather_max_tokens"], info["gather_wait_s"]) == (32, 16384, 0.05)
     assert (info["max_texts_per_request"], info["max_chars_per_text"]) == (MAX_TEXTS, MAX_CHARS)
     docs = client.get("/docs")
@@ -202,6 +202,25 @@ def test_health_readiness_info_and_docs(client: TestClient, classifier: Sentimen
     assert "swagger" in docs.text.lower()
     paths = client.get("/openapi.json").json()["paths"]
     assert {"/v1/classify", "/predict", "/", "/healthz", "/readyz", "/info"} <= set(paths)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_an_onnx_runtime_replica_answers_as_the_torch_one_does(
+    precision: str, tiny_onnx: Path, tiny_onnx_int8: Path, classifier: SentimentClassifier
+) -> None:
+    export = {"fp32": tiny_onnx, "int8": tiny_onnx_int8}[precision]
+    rng = random.Random(2)
+    texts = [review(n, rng) for n in (3, 700, 40, 250)]
+    for client in in_process(export):  # one client, open while the loop body runs
+        info = client.get("/info").json()
+        assert (info["backend"], info["dtype"], info["device"]) == ("onnxruntime", precision, "cpu")
+        body = client.post("/v1/classify", json={"texts": texts}).json()
+    want = expected(classifier, texts)
+    got = body["predictions"]
+    assert [(g["num_tokens"], g["truncated"]) for g in got] == [(w["num_tokens"], w["truncated"]) for w in want]
+    # fp32: torch's scores within 1e-4; int8 (random weights) only near them.
+    tolerance = 1e-4 if precision == "fp32" else 0.2
+    assert [g["scores"]["pos"] for g in got] == pytest.approx([w["scores"]["pos"] for w in want], abs=tolerance)
 
 
 # -- errors ------------------------------------------------------------------------------------
