@@ -268,3 +268,45 @@ def wait_until(condition: Callable[[], bool], timeout_s: float, what: str, inter
             return
         time.sleep(interval_s)
     raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+
+
+# -- a labelled synthetic corpus ---------------------------------------------------------------------
+# Random weights make label agreement between engines meaningless (their classes sit a rounding apart),
+# so fidelity is measured on a small BERT trained on reviews whose label follows from the text: which
+# of the positive or the negative words are more frequent. Every word is one token in `vocab`.
+
+POSITIVE_WORDS: tuple[str, ...] = tuple(
+    "good great wonderful brilliant funny beautiful best love loved liked enjoyed recommend fun amazing perfect "
+    "excellent fantastic strong worth".split()
+)
+NEGATIVE_WORDS: tuple[str, ...] = tuple(
+    "bad terrible awful boring dull ugly worst hate hated waste poor weak horrible sad".split()
+)
+NEUTRAL_WORDS: tuple[str, ...] = tuple(
+    word for word in WORDS if word not in POSITIVE_WORDS and word not in NEGATIVE_WORDS and word != "like"
+)
+
+
+def labelled_reviews(
+    count: int, *, seed: int, min_words: int = 20, max_words: int = 100, most_sentiment_words: int = 6
+) -> tuple[list[str], list[int]]:
+    """``count`` reviews and their labels (1: positive words outnumber negative ones, 0: the reverse; never a tie).
+
+    Each review is neutral filler with 0 to ``most_sentiment_words`` words of each polarity mixed in.
+    """
+    import random
+
+    rng = random.Random(seed)
+    texts: list[str] = []
+    labels: list[int] = []
+    for _ in range(count):
+        positive = rng.randint(0, most_sentiment_words)
+        negative = rng.choice([n for n in range(most_sentiment_words + 1) if n != positive])
+        length = max(rng.randint(min_words, max_words), positive + negative)
+        words = [rng.choice(NEUTRAL_WORDS) for _ in range(length - positive - negative)]
+        words += [rng.choice(POSITIVE_WORDS) for _ in range(positive)]
+        words += [rng.choice(NEGATIVE_WORDS) for _ in range(negative)]
+        rng.shuffle(words)
+        texts.append(" ".join(words))
+        labels.append(int(positive > negative))
+    return texts, labels

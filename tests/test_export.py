@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import sys
 from pathlib import Path
 
 import onnxruntime
@@ -133,3 +134,11 @@ def test_export_command_writes_a_directory_predict_runs(
     assert json.loads(capsys.readouterr().out)["label"] in ("neg", "pos")
     assert main(["export", str(tiny_checkpoint), str(out)]) == 1
     assert "pass --overwrite" in capsys.readouterr().err
+
+
+def test_exporting_without_the_onnx_package_says_how_to_install_it(
+    tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "onnx", None)  # import onnx raises ImportError
+    with pytest.raises(ModelLoadError, match=re.escape("needs the onnx package: pip install 'ray-sentiment[onnx]'")):
+        export_checkpoint(ModelConfig(model_id=str(tiny_checkpoint)), tmp_path / "out")
