@@ -41,8 +41,8 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.common import cpu_name, ensure_checkpoint, free_port, popen_interruptible
-from benchmarks.corpus import make_reviews, write_corpus
+from benchmarks.harness import closed_loop, cpu_name, ensure_checkpoint, free_port
+from sentiment.testing import make_reviews, popen_interruptible, write_corpus
 
 REPO = Path(__file__).resolve().parents[1]
 # The small BERT the fidelity mode trains: big enough to learn the task in a few CPU minutes.
@@ -343,8 +343,6 @@ def batch(out: Path, rows: int, repeats: int) -> dict[str, Any]:
 
 
 def serve(out: Path, clients: int, duration: float, repeats: int) -> dict[str, Any]:
-    from benchmarks.serve_bench import closed_loop
-
     checkpoint = ensure_checkpoint(out, "base")
     warm_cache(out, checkpoint)
     texts = make_reviews(200, seed=9)
@@ -362,9 +360,7 @@ def serve(out: Path, clients: int, duration: float, repeats: int) -> dict[str, A
             try:
                 info = _wait_ready(f"http://127.0.0.1:{port}", server, timeout_s=600)
                 url = f"http://127.0.0.1:{port}/v1/classify"
-                latencies, errors, answered, seconds = asyncio.run(
-                    closed_loop(url, payloads, clients, max_requests=100_000, duration_s=duration, warmup=clients)
-                )
+                load = asyncio.run(closed_loop(url, payloads, clients, duration, max_requests=100_000, warmup=clients))
             finally:
                 server.send_signal(2)
                 try:
@@ -372,13 +368,13 @@ def serve(out: Path, clients: int, duration: float, repeats: int) -> dict[str, A
                 except subprocess.TimeoutExpired:
                     server.kill()
                 log.close()
-            ordered = sorted(latencies)
+            summary = load.summary()
             results[dtype].append(
                 {
-                    "texts_per_s": answered / seconds,
-                    "p50_ms": 1000 * ordered[len(ordered) // 2],
-                    "p95_ms": 1000 * ordered[int(0.95 * (len(ordered) - 1))],
-                    "errors": errors,
+                    "texts_per_s": summary["texts_per_s"],
+                    "p50_ms": summary["p50_ms"],
+                    "p95_ms": summary["p95_ms"],
+                    "errors": load.errors,
                     "threads": info["threads"],
                     "backend": info["backend"],
                 }
