@@ -25,6 +25,7 @@ which stage failed on which rows, for the job and for any other Dataset alike.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -99,16 +100,20 @@ def guard(name: str, fn: Callable[..., Any], where: Where = batch_slices) -> Cal
     as a function of the same name, a generator function where it is one.
     """
     if isinstance(fn, type):
-        cls: type = fn
+        base: Any = fn
 
-        def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
-            try:
-                cls.__init__(self, *args, **kwargs)
-            except Exception as exc:
-                raise StageError.of(name, exc, starting=True) from exc
+        class Guarded(base):
+            __doc__ = base.__doc__
+            __call__ = _guarded_call(name, base.__call__, where)
 
-        call = _guarded_call(name, cls.__call__, where)
-        return type(cls.__name__, (cls,), {"__init__": __init__, "__call__": call, "__doc__": cls.__doc__})
+            def __init__(self, *args: Any, **kwargs: Any) -> None:
+                try:
+                    super().__init__(*args, **kwargs)
+                except Exception as exc:
+                    raise StageError.of(name, exc, starting=True) from exc
+
+        Guarded.__name__ = Guarded.__qualname__ = base.__name__
+        return Guarded
     return functools.wraps(fn)(_guarded_call(name, fn, where))
 
 
@@ -137,11 +142,10 @@ def _stage_error(name: str, exc: Exception, args: Sequence[Any], where: Where) -
     batch = next((arg for arg in args if isinstance(arg, pa.Table)), None)
     slices: Sequence[str] = ()
     rows: int | None = None
+    # Naming the rows is worth less than the error it names them for.
     if batch is not None:
-        try:
+        with contextlib.suppress(Exception):
             slices, rows = where(batch)
-        except Exception:  # naming the rows is worth less than the error it names them for
-            pass
     return StageError.of(name, exc, slices, rows)
 
 

@@ -19,11 +19,13 @@ Nothing here imports ray: the CLI maps these errors to exit statuses without sta
 
 from __future__ import annotations
 
+import errno
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from pipelines.columns import SLICE
 from sentiment.errors import SentimentError
 
 # Longest cause quoted in a one-line message; the log file has all of it.
@@ -31,8 +33,8 @@ _CAUSE_CHARS = 400
 _SLICE_ID = r"\d+-\d+"
 _STAGE_LINE = re.compile(
     rf"^(?:[\w.]+\.)?StageError: stage '(?P<stage>[^']*)' failed"
-    rf"(?: on slices? (?P<slices>{_SLICE_ID}(?:, {_SLICE_ID})*)(?: \((?P<rows>\d+) rows\))?"
-    r"| on a batch of (?P<batch>\d+) rows| (?P<start>to start))?: (?P<reason>.*)$",
+    rf"(?: on slices? (?P<slices>{_SLICE_ID}(?:, {_SLICE_ID})*)(?: \((?P<rows>\d+) rows?\))?"
+    r"| on a batch of (?P<batch>\d+) rows?| (?P<start>to start))?: (?P<reason>.*)$",
     re.MULTILINE,
 )
 # Ray's errors for a worker, actor or node that went away (past Ray's own retries when they reach the driver).
@@ -47,6 +49,9 @@ _LOST = (
     "OutOfMemoryError",
     "LocalRayletDiedError",
 )
+# A path Ray Data writes a slice's output to names the slice: ``OUTPUT.staging/<SLICE>=00001-00003/...``.
+_SLICE_PATH = re.compile(rf"{re.escape(SLICE)}=({_SLICE_ID})")
+_WRITE_TASK = re.compile(r"\bWrite\b")
 _NO_SPACE = re.compile(r"errno 28\b|no space left on device|disk quota exceeded", re.IGNORECASE)
 
 
@@ -73,14 +78,15 @@ class StageError(SentimentError, RuntimeError):
 
     def message(self) -> str:
         """``stage 'model' failed on slice 00000-00003 (32 rows): ValueError: ...``; `stage_error` reads it back."""
+        rows = f"{self.rows} row{'' if self.rows == 1 else 's'}"
         if self.starting:
             where = " to start"
         elif self.slices:
             plural = "s" if len(self.slices) > 1 else ""
-            rows = f" ({self.rows} rows)" if self.rows is not None else ""
-            where = f" on slice{plural} {', '.join(self.slices)}{rows}"
+            counted = f" ({rows})" if self.rows is not None else ""
+            where = f" on slice{plural} {', '.join(self.slices)}{counted}"
         elif self.rows is not None:
-            where = f" on a batch of {self.rows} rows"
+            where = f" on a batch of {rows}"
         else:
             where = ""
         return f"stage {self.stage!r} failed{where}: {self.reason}"
@@ -103,8 +109,16 @@ class RunFailedError(SentimentError, RuntimeError):
 
 
 def cause_line(exc: BaseException) -> str:
-    """``TypeName: first line of the message``, cut to a few hundred characters."""
-    text = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
+    """``TypeName: first line of the message``, cut to a few hundred characters.
+
+    An ``OSError`` is its errno and strerror (``OSError: [Errno 28] No space left on device``): Ray
+    Data's retry wrapper appends its own note to the exception's args, which a pickled ``OSError``
+    then takes for its file name.
+    """
+    if isinstance(exc, OSError) and exc.errno and exc.strerror:
+        text = f"[Errno {exc.errno}] {exc.strerror}"
+    else:
+        text = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
     line = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
     return line if len(line) <= _CAUSE_CHARS else line[: _CAUSE_CHARS - 3] + "..."
 
@@ -138,7 +152,7 @@ def stage_error(exc: BaseException) -> StageError | None:
 
 @dataclass(frozen=True)
 class Failure:
-    """What failed in a Ray Data execution, told in one line (`line`)."""
+    """What failed in a Ray Data execution (`describe_failure`); `pipelines.batch` tells it in one line."""
 
     stage: str | None
     """The stage that raised, ``write`` for the write, None where it is not known."""
@@ -153,22 +167,28 @@ class Failure:
 
 
 def describe_failure(exc: BaseException) -> Failure:
-    """Which stage failed, on which slices and why, from any exception out of a Ray Data execution."""
-    text = "\n".join(str(link) for link in _chain(exc))
+    """Which stage failed, on which slices and why, from any exception out of a Ray Data execution.
+
+    In this order: a stage's `StageError` (found by `stage_error`); a worker, actor or node Ray lost;
+    else the innermost exception, which is the write's when Ray's task was the write (``...->Write``).
+    """
+    links = _chain(exc)
+    texts = [str(link) for link in links]
     no_space = any(
-        getattr(link, "errno", None) == 28 or bool(_NO_SPACE.search(str(link))) for link in _chain(exc)
+        getattr(link, "errno", None) == errno.ENOSPC or bool(_NO_SPACE.search(text))
+        for link, text in zip(links, texts, strict=True)
     )
     error = stage_error(exc)
     if error is not None:
         return Failure(error.stage, error.reason, error.slices, no_space=no_space)
-    links = list(_chain(exc))
     lost = next((link for link in links if type(link).__name__ in _LOST), None)
     if lost is not None:
         return Failure(None, cause_line(lost), no_space=no_space, lost_worker=True)
-    # Not a stage's own error: Ray Data's write, or Ray Data itself. The innermost exception is the cause.
-    inner = links[-1]
-    writing = "Write" in text.split("\n", 1)[0] or "datasink" in text.lower()
-    return Failure("write" if writing else None, cause_line(inner), no_space=no_space)
+    # Ray's task error names its task on its first line (``ray::MapBatches(select_columns)->Write()``);
+    # a path in the cause's message may name the slice being written (object stores name the key).
+    writing = any(_WRITE_TASK.search(text.split("\n", 1)[0]) for text in texts)
+    slices = tuple(dict.fromkeys(_SLICE_PATH.findall(texts[-1])))
+    return Failure("write" if writing else None, cause_line(links[-1]), slices, no_space=no_space)
 
 
 def _chain(exc: BaseException) -> list[BaseException]:
