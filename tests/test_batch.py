@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -577,3 +578,56 @@ def test_a_full_disk_ends_in_one_line_keeps_the_complete_slices_and_resume_write
     table = read_sorted(out)
     assert table.column("id").to_pylist() == list(range(160))
     assert table.column("error").null_count == 160
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
+    """A real filesystem of 128 KiB (a tmpfs), unmounted afterwards; skipped where mounting needs what we lack."""
+    point = tmp_path / "tmpfs"
+    point.mkdir()
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("a real small filesystem needs root and mount(8); the SmallDiskHandler test covers the job")
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=128k", "tmpfs", str(point)], capture_output=True, text=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.strip()}); the SmallDiskHandler test covers the job")
+    try:
+        yield point
+    finally:
+        subprocess.run(["umount", "-l", str(point)], check=False)
+
+
+def test_on_a_real_full_disk_the_run_ends_in_one_line_and_resumes_once_space_is_freed(
+    ray_session: Any, tmp_path: Path, tiny_checkpoint: Path, small_tmpfs: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    source = tmp_path / "in"
+    write_corpus(source, rows=160, files=2, seed=11)  # about 270 KB of output: twice the disk
+    out = small_tmpfs / "out"
+    staging = Path(str(out) + STAGING_SUFFIX)
+    argv = ["batch", str(source), str(out), "--model", str(tiny_checkpoint), "--rows-per-call", "8"]
+
+    status, last = batch_process(ray_session, argv)
+    assert status == 3, last
+    command = f"sentiment batch {source} {out} --model {tiny_checkpoint} --rows-per-call 8 --resume"
+    match = re.fullmatch(
+        rf"sentiment batch: error: writing the results to {staging} failed: OSError: \[Errno 28\] .*No space left on "
+        rf"device; (\d+) of 20 slices are complete and kept in {staging}; free space on the disk of {staging}, then "
+        rf"continue with: {re.escape(command)}; traceback in (\S+)",
+        last,
+    )
+    assert match, last
+    done = int(match.group(1))
+    assert 0 < done < 20
+    log = Path(match.group(2))
+    assert "No space left on device" in log.read_text()
+    if not is_within(str(log), str(small_tmpfs)):
+        log.unlink()
+
+    subprocess.run(["mount", "-o", "remount,size=64m", "tmpfs", str(small_tmpfs)], check=True)  # space freed
+    wait_for_free_cpus(ray_session, 8, timeout_s=60, gpus=1)
+    assert main([*argv, "--resume"]) == 0
+    assert f"resumed: {done} of 20 slices were already complete" in capsys.readouterr().out
+    table = read_sorted(out)
+    assert table.column("id").to_pylist() == list(range(160))
+    assert not staging.exists()
