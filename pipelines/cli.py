@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import re
+import shlex
+from collections.abc import Sequence
 from typing import Any
 
 from pipelines.args import PipelineArgs, parse_pipeline_args
@@ -116,9 +118,23 @@ def _run_batch(args: argparse.Namespace) -> int:
         raise UsageError("give one or more inputs and then the output directory: sentiment batch INPUT ... OUTPUT")
     if args.paths:
         overrides = {"input": args.paths[:-1], "output": args.paths[-1]}
-    result = run(pipeline_args_from_args(args, **overrides), progress_interval_s=args.progress_interval)
+    argv = getattr(args, "argv", None)
+    result = run(
+        pipeline_args_from_args(args, **overrides),
+        progress_interval_s=args.progress_interval,
+        resume_command=resume_command(argv) if argv is not None else None,
+    )
     print(result.summary_line())
     return 0
+
+
+def resume_command(argv: Sequence[str]) -> str:
+    """The ``sentiment`` command that continues the run ``argv`` started: the same words, ``--resume`` for
+    ``--overwrite`` (which would start over)."""
+    words = [word for word in argv if word != "--overwrite"]
+    if "--resume" not in words:
+        words.append("--resume")
+    return shlex.join(["sentiment", *words])
 
 
 def _run_eval(args: argparse.Namespace) -> int:

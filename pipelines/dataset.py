@@ -16,22 +16,32 @@ them in order with one loop:
 
 `scoring_stages` (tokenize, model) take any Dataset with a text column, read by this job or not.
 How many model actors run, and with what, is `pipelines.pool`'s decision.
+
+Every stage's callable runs inside one guard (`Stage.apply`, `guard`): what it raises becomes a
+`pipelines.errors.StageError` naming the stage, the slices of the batch where it carries their ids
+(`SLICE`; the read stage names the slices it was asked for) and the cause, so a failed job says
+which stage failed on which rows, for the job and for any other Dataset alike.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+import contextlib
+import functools
+import inspect
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from pipelines import files
 from pipelines.args import PipelineArgs
 from pipelines.columns import SLICE
+from pipelines.errors import StageError
 from pipelines.plan import InputPlan
 from pipelines.pool import PoolSizes
-from pipelines.read import read_slices
+from pipelines.read import item_slices, read_slices
 from pipelines.stage import ModelStage, tokenize
 from sentiment.config import ModelConfig
 
@@ -40,6 +50,16 @@ if TYPE_CHECKING:
 
 # Logical CPUs a tokenize task reserves (GPU pools).
 TOKENIZE_CPUS = 1.0
+
+Where = Callable[[pa.Table], tuple[Sequence[str], int | None]]
+"""What a stage's input batch holds: its slice ids (empty when it carries none) and its rows (None: unknown)."""
+
+
+def batch_slices(batch: pa.Table) -> tuple[list[str], int | None]:
+    """The slice ids in the batch's `SLICE` column (none when it has no such column), and its rows."""
+    if SLICE not in batch.column_names:
+        return [], batch.num_rows
+    return sorted(pc.unique(batch.column(SLICE)).to_pylist()), batch.num_rows
 
 
 @dataclass(frozen=True)
@@ -57,6 +77,8 @@ class Stage:
     map_batches_kwargs: Mapping[str, Any]
     rows_per_block: int | None = field(default=None)
     """Cut the stage's output into blocks of this many rows (``Dataset.repartition``); None: as it comes."""
+    where: Where = field(default=batch_slices)
+    """What a failure names of the batch it failed on (`batch_slices`; the read stage: `read.item_slices`)."""
 
     def map_batches_args(self) -> dict[str, Any]:
         """Everything ``Dataset.map_batches`` gets besides ``fn``."""
@@ -64,10 +86,67 @@ class Stage:
         return {key: dict(self.kwargs), **self.map_batches_kwargs}
 
     def apply(self, ds: Dataset) -> Dataset:
-        ds = ds.map_batches(self.fn, **self.map_batches_args())
+        ds = ds.map_batches(guard(self.name, self.fn, self.where), **self.map_batches_args())
         if self.rows_per_block is not None:
             ds = ds.repartition(target_num_rows_per_block=self.rows_per_block)
         return ds
+
+
+def guard(name: str, fn: Callable[..., Any], where: Where = batch_slices) -> Callable[..., Any]:
+    """``fn`` (a callable class or a function) with its exceptions raised as `StageError`s of stage ``name``.
+
+    A class comes back as a subclass of the same name (Ray Data names the operator after it, and
+    runs it on actors); a constructor that raises fails the stage "to start". A function comes back
+    as a function of the same name, a generator function where it is one.
+    """
+    if isinstance(fn, type):
+        base: Any = fn
+
+        class Guarded(base):
+            __doc__ = base.__doc__
+            __call__ = _guarded_call(name, base.__call__, where)
+
+            def __init__(self, *args: Any, **kwargs: Any) -> None:
+                try:
+                    super().__init__(*args, **kwargs)
+                except Exception as exc:
+                    raise StageError.of(name, exc, starting=True) from exc
+
+        Guarded.__name__ = Guarded.__qualname__ = base.__name__
+        return Guarded
+    return functools.wraps(fn)(_guarded_call(name, fn, where))
+
+
+def _guarded_call(name: str, fn: Callable[..., Any], where: Where) -> Callable[..., Any]:
+    """``fn(..., batch, ...)`` raising `StageError`; the batch is the first argument that is a table."""
+    if inspect.isgeneratorfunction(fn):
+
+        def generating(*args: Any, **kwargs: Any) -> Iterator[Any]:
+            try:
+                yield from fn(*args, **kwargs)
+            except Exception as exc:
+                raise _stage_error(name, exc, args, where) from exc
+
+        return generating
+
+    def calling(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:
+            raise _stage_error(name, exc, args, where) from exc
+
+    return calling
+
+
+def _stage_error(name: str, exc: Exception, args: Sequence[Any], where: Where) -> StageError:
+    batch = next((arg for arg in args if isinstance(arg, pa.Table)), None)
+    slices: Sequence[str] = ()
+    rows: int | None = None
+    # Naming the rows is worth less than the error it names them for.
+    if batch is not None:
+        with contextlib.suppress(Exception):
+            slices, rows = where(batch)
+    return StageError.of(name, exc, slices, rows)
 
 
 def stages(args: PipelineArgs, pool: PoolSizes, plan: InputPlan, actor_log: Any = None) -> list[Stage]:
@@ -105,6 +184,7 @@ def read_stage(args: PipelineArgs, plan: InputPlan) -> Stage:
         # big block would go through each stage whole, holding back every row's output until its end
         # (and all of it from a resume). Before any actor stage, so it is not fused into one.
         rows_per_block=args.rows_per_call,
+        where=item_slices,
     )
 
 

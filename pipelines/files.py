@@ -7,6 +7,7 @@ batch job uses to tell which outputs are complete (see `pipelines.batch`).
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 from collections.abc import Sequence
@@ -277,6 +278,72 @@ class RecordingHandler(pafs.FileSystemHandler):
     def open_append_stream(self, path: str, metadata: dict[str, str] | None = None) -> pa.NativeFile:
         self.calls.append(("open_append_stream", path))
         return self.filesystem.open_append_stream(path, metadata=metadata)
+
+
+class SmallDiskHandler(RecordingHandler):
+    """Another filesystem as a disk of ``capacity`` bytes at ``root``: ``pafs.PyFileSystem(SmallDiskHandler(...))``.
+
+    A write that would take the files under ``root`` past ``capacity`` bytes fails with
+    ``OSError(ENOSPC)``, as a full disk fails it, leaving what it had written; deleting files frees
+    the space. The files themselves are the count, so every Ray worker that gets a pickled copy of
+    the filesystem sees one disk. Tests use it to fill the batch job's output disk at a chosen point.
+    """
+
+    def __init__(self, filesystem: pafs.FileSystem, root: str, capacity: int) -> None:
+        super().__init__(filesystem)
+        self.root = root
+        self.capacity = capacity
+
+    def get_type_name(self) -> str:
+        return f"small-disk+{self.filesystem.type_name}"
+
+    def used(self) -> int:
+        """Bytes in the files under ``root``."""
+        infos = self.filesystem.get_file_info(pafs.FileSelector(self.root, recursive=True, allow_not_found=True))
+        return sum(info.size or 0 for info in infos if info.type == pafs.FileType.File)
+
+    def take(self, size: int, path: str) -> None:
+        """Raise ``OSError(ENOSPC)`` when ``size`` more bytes do not fit."""
+        if self.used() + size > self.capacity:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+
+    def copy_file(self, src: str, dest: str) -> None:
+        self.take(self.filesystem.get_file_info(src).size or 0, dest)
+        super().copy_file(src, dest)
+
+    def open_output_stream(self, path: str, metadata: dict[str, str] | None = None) -> pa.NativeFile:
+        return pa.PythonFile(_DiskStream(self, path, super().open_output_stream(path, metadata)), mode="w")
+
+    def open_append_stream(self, path: str, metadata: dict[str, str] | None = None) -> pa.NativeFile:
+        return pa.PythonFile(_DiskStream(self, path, super().open_append_stream(path, metadata)), mode="w")
+
+
+class _DiskStream:
+    """A file being written on a `SmallDiskHandler`'s disk: each write first takes its bytes from it."""
+
+    def __init__(self, disk: SmallDiskHandler, path: str, stream: pa.NativeFile) -> None:
+        self.disk = disk
+        self.path = path
+        self.stream = stream
+        self.written = 0
+
+    @property
+    def closed(self) -> bool:
+        return bool(self.stream.closed)
+
+    def write(self, data: bytes) -> int:
+        self.disk.take(len(data), self.path)
+        self.written += len(data)
+        return int(self.stream.write(data))
+
+    def tell(self) -> int:
+        return self.written
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+    def close(self) -> None:
+        self.stream.close()
 
 
 def _info(location: Location) -> pafs.FileInfo:

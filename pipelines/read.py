@@ -52,6 +52,11 @@ def slice_source(plan: InputPlan, pending: Sequence[Slice]) -> Dataset:
     return ray.data.from_items(items, override_num_blocks=len(items))
 
 
+def item_slices(items: pa.Table) -> tuple[list[str], None]:
+    """The ids of the slices `read_slices` is asked to read from ``items`` (what a read failure names)."""
+    return [slice_id(item["file"], number) for item in items.to_pylist() for number in item["slices"]], None
+
+
 def read_slices(
     items: pa.Table, *, filesystem: Any, schema: pa.Schema, rows_per_slice: int, text_column: str
 ) -> Iterator[pa.Table]:

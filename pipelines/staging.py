@@ -16,6 +16,11 @@ copy per object), ``_SUCCESS`` last. ``--resume`` keeps the slices whose outputs
 deletes the others' partial outputs and scores only those, so a crash costs the slices in flight,
 not whole input files. Within one run Ray Data writes each block once (a retried write task
 rewrites the same file name), so a matching count means every row exactly once.
+
+A run that fails (a stage that raised, a write that found the disk full, a lost worker) leaves its
+staging directory as it is, with the traceback in ``OUTPUT.staging/_error.log`` (`ERROR_LOG`);
+``--resume`` then keeps the slices that were complete and scores the rest. A partly written file
+has no Parquet footer, so it never counts as complete.
 """
 
 from __future__ import annotations
@@ -36,13 +41,16 @@ import pyarrow.parquet as pq
 from pipelines import files
 from pipelines.args import PipelineArgs
 from pipelines.columns import SLICE
+from pipelines.errors import RunFailedError
 from pipelines.files import Location, ParquetInput
 from pipelines.plan import STAGING_SUFFIX, InputPlan, Slice, is_within
-from sentiment.errors import InvalidInputError, SentimentError
+from sentiment.errors import InvalidInputError
 
 MANIFEST = "_manifest.json"
 REPORT = "_report.json"
 SUCCESS = "_SUCCESS"
+ERROR_LOG = "_error.log"
+"""In staging: the traceback of the run that failed last; deleted by the commit of the run that succeeds."""
 # ModelConfig fields that change predictions: a resumed run must not mix outputs that differ in them.
 _PREDICTION_FIELDS = (
     "model_id",
@@ -58,7 +66,7 @@ _PREDICTION_FIELDS = (
 _STAGED = re.compile(rf"^(?:{SLICE}=(\d+-\d+)/[^/]+|part-(\d+)-(\d+)-[^/]*\.parquet)$")
 
 
-class BatchJobError(SentimentError):
+class BatchJobError(RunFailedError):
     """The job ran but its result cannot be trusted (rows lost or doubled); nothing was moved into place."""
 
 
@@ -111,16 +119,26 @@ def complete_rows(outputs: Sequence[Location]) -> int | None:
     return total
 
 
+def complete_slices(staging: Location, plan: InputPlan) -> list[Slice]:
+    """Slices whose staged output is complete: every row, in readable files."""
+    staged = staged_outputs(staging)
+    return [piece for piece in plan.slices if _is_complete(piece, staged)]
+
+
 def pending_slices(staging: Location, plan: InputPlan) -> list[Slice]:
     """Slices whose staged output is not complete; their partial outputs are deleted."""
     staged = staged_outputs(staging)
     pending = []
     for piece in plan.slices:
-        if complete_rows(staged.get(piece.id, [])) != piece.rows:
+        if not _is_complete(piece, staged):
             for entry in staged.get(piece.id, []):
                 files.delete(entry)
             pending.append(piece)
     return pending
+
+
+def _is_complete(piece: Slice, staged: Mapping[str, Sequence[Location]]) -> bool:
+    return complete_rows(staged.get(piece.id, [])) == piece.rows
 
 
 class Start(enum.Enum):
@@ -245,6 +263,7 @@ def commit(state: RunState, plan: InputPlan, report: Mapping[str, Any] | None = 
     """
     staging, output = state.staging, state.output
     in_place = files.renames_directories(staging.filesystem)
+    files.delete(staging.child(ERROR_LOG))  # an earlier, failed run's: not part of the output
     moves = _output_names(staging, plan)
     if in_place:
         for source, name in moves:

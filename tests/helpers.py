@@ -1,4 +1,5 @@
-"""What the Serve tests share: app args, deploying, replica states, the ``main`` app's limits, answer checks.
+"""What the Serve tests share: app args, deploying, replica states, the ``main`` app's limits, answer checks;
+and, for the batch tests, text columns that hold invalid UTF-8.
 
 A helper module, not a test module: test files import from here, never from one another. Generic
 helpers (`sentiment.testing.free_port`, `sentiment.testing.wait_until`) live with the package.
@@ -11,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pyarrow as pa
 import pytest
 import yaml
 
@@ -98,3 +100,14 @@ def assert_same_predictions(got: list[dict[str, Any]], want: list[dict[str, Any]
         # Batches padded differently change float sums in the last bits only.
         assert g["score"] == pytest.approx(w["score"], abs=1e-5)
         assert g["scores"] == pytest.approx(w["scores"], abs=1e-5)
+
+
+def invalid_utf8_strings(values: list[bytes | None]) -> pa.Array:
+    """A ``string`` array holding these bytes unchecked, as writers that do not validate UTF-8 leave it."""
+    data = b"".join(value or b"" for value in values)
+    offsets = [0]
+    for value in values:
+        offsets.append(offsets[-1] + len(value or b""))
+    validity = pa.array([value is not None for value in values]).buffers()[1]
+    buffers = [validity, pa.array(offsets, pa.int32()).buffers()[1], pa.py_buffer(data)]
+    return pa.Array.from_buffers(pa.string(), len(values), buffers, null_count=values.count(None))

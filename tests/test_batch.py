@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,12 +28,13 @@ import torch
 
 from pipelines.args import PipelineArgs
 from pipelines.batch import run
-from pipelines.plan import STAGING_SUFFIX
+from pipelines.plan import STAGING_SUFFIX, is_within
 from pipelines.report import format_summary
 from ray_sentiment.cli import main
 from sentiment.config import ModelConfig
 from sentiment.model import SentimentClassifier
 from sentiment.testing import write_corpus
+from tests.helpers import invalid_utf8_strings
 
 REPO = Path(__file__).resolve().parents[1]
 OUTPUT_COLUMNS = [
@@ -347,11 +349,11 @@ def complete_slices(staging: Path, rows_per_slice: int) -> int:
     return complete
 
 
-def wait_for_free_cpus(ray: Any, cpus: float, timeout_s: float) -> None:
+def wait_for_free_cpus(ray: Any, cpus: float, timeout_s: float, gpus: float = 0) -> None:
     deadline = time.monotonic() + timeout_s
-    while ray.available_resources().get("CPU", 0) < cpus:
+    while ray.available_resources().get("CPU", 0) < cpus or ray.available_resources().get("GPU", 0) < gpus:
         if time.monotonic() > deadline:
-            pytest.fail(f"the killed job still holds Ray CPUs after {timeout_s} s")
+            pytest.fail(f"the killed or failed job still holds Ray CPUs or GPUs after {timeout_s} s")
         time.sleep(0.2)
 
 
@@ -409,3 +411,261 @@ def test_a_one_file_corpus_killed_midway_resumes_from_its_complete_slices(
     assert table.column("label").to_pylist() == [p.label for p in classifier.predict(texts)]
     assert not staging.exists()
     assert f"resumed: {done_before} of {slices} slices were already complete" in result.summary_line()
+
+
+# -- bad data and failures: row errors, one clear line, and a resume that finishes -------------------
+
+
+def test_undecodable_texts_get_row_errors_and_every_other_row_is_scored(
+    ray_session: Any, tmp_path: Path, tiny_checkpoint: Path, classifier: SentimentClassifier
+) -> None:
+    source = tmp_path / "in"
+    write_corpus(source, rows=40, files=1, seed=3)
+    # 64 bytes of 0xff in one page of an uncompressed string column, as writers that do not validate leave it.
+    undecodable = [b"a good film", b"x" * 426 + b"\xff" * 64 + b" dull", "caf\u00e9 is fine".encode()]
+    pq.write_table(
+        pa.table({"id": [100, 101, 102], "text": invalid_utf8_strings(undecodable), "label": ["pos", "neg", "pos"]}),
+        source / "undecodable.parquet",
+        compression="none",
+    )
+    raw = pa.array([b"a great film", b"\xc3( bad"], pa.binary())  # a bytes text column
+    pq.write_table(pa.table({"id": [200, 201], "text": raw, "label": ["pos", "neg"]}), source / "bytes.parquet")
+    out = tmp_path / "out"
+    args = PipelineArgs(model=ModelConfig(model_id=str(tiny_checkpoint)), input=str(source), output=str(out))
+    result = run(args.model_copy(update={"rows_per_call": 16}))
+    assert (result.rows, result.errors) == (45, 2)
+
+    got = read_sorted(out).filter(pc.greater_equal(pc.field("id"), 100))
+    assert got.column("id").to_pylist() == [100, 101, 102, 200, 201]
+    assert got.column("error").to_pylist() == [
+        None,
+        "text is not valid UTF-8 (byte 0xff at offset 426)",
+        None,
+        None,
+        "text is not valid UTF-8 (byte 0xc3 at offset 0)",
+    ]
+    # The row keeps what can be decoded: U+FFFD for each bad byte; the other columns as they were.
+    assert got.column("text").to_pylist() == [
+        "a good film",
+        "x" * 426 + "\ufffd" * 64 + " dull",
+        "caf\u00e9 is fine",
+        "a great film",
+        "\ufffd( bad",
+    ]
+    assert got.column("input_label").to_pylist() == ["pos", "neg", "pos", "pos", "neg"]
+    scored = ["a good film", "caf\u00e9 is fine", "a great film"]
+    labels = got.column("label").to_pylist()
+    assert [labels[0], labels[2], labels[3]] == [p.label for p in classifier.predict(scored)]
+    assert labels[1] is labels[4] is None
+    assert read_sorted(out).filter(pc.less(pc.field("id"), 100)).column("error").null_count == 40
+
+
+def test_a_truncated_file_fails_before_anything_runs_with_one_line_naming_it(
+    tmp_path: Path, tiny_checkpoint: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    paths = write_corpus(tmp_path / "in", rows=20, files=2, seed=4)
+    paths[1].write_bytes(paths[1].read_bytes()[:-100])
+    out = tmp_path / "out"
+    assert main(["batch", str(tmp_path / "in"), str(out), "--model", str(tiny_checkpoint)]) == 1
+    last = capsys.readouterr().err.splitlines()[-1]
+    assert last.startswith(f"sentiment batch: error: {paths[1]} is not a readable Parquet file: ")
+    assert not out.exists()
+    assert not Path(str(out) + STAGING_SUFFIX).exists()
+
+
+def corrupt_row_group(path: Path, row_group: int, column: int) -> bytes:
+    """Overwrite bytes in the middle of one column chunk's pages (the footer stays intact); return the original."""
+    original = path.read_bytes()
+    chunk = pq.ParquetFile(path).metadata.row_group(row_group).column(column)
+    start = (chunk.dictionary_page_offset or chunk.data_page_offset) + chunk.total_compressed_size // 2
+    data = bytearray(original)
+    data[start : start + 64] = b"\xab" * 64
+    path.write_bytes(bytes(data))
+    return original
+
+
+# ``sentiment batch`` with its output directory under ROOT on a disk of CAPACITY bytes (`SmallDiskHandler`).
+ON_SMALL_DISK = """
+import sys
+
+from pipelines import files
+from ray_sentiment.cli import main
+
+
+def small_disk(real_locate, root, capacity):
+    # Names the function needs, held in its closure: Ray's driver setup touches __main__'s globals.
+    import pyarrow.fs as pafs
+
+    from pipelines.files import Location, SmallDiskHandler
+    from pipelines.plan import is_within
+
+    def locate(spec):
+        location = real_locate(spec)
+        if not is_within(location.path, root):
+            return location
+        return Location(pafs.PyFileSystem(SmallDiskHandler(pafs.LocalFileSystem(), root, capacity)), location.path)
+
+    return locate
+
+
+files.locate = small_disk(files.locate, sys.argv[1], int(sys.argv[2]))
+sys.exit(main(sys.argv[3:]))
+"""
+
+
+def batch_process(ray: Any, argv: list[str], small_disk: tuple[Path, int] | None = None) -> tuple[int, str]:
+    """``sentiment batch`` in a process of its own on the tests' Ray: its exit status and the last line of its stderr.
+
+    Its own process, as a user runs it: when it ends, Ray ends the model actors of its failed run.
+    """
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    command = [sys.executable, "-m", "ray_sentiment", *argv]
+    if small_disk is not None:
+        command = [sys.executable, "-c", ON_SMALL_DISK, str(small_disk[0]), str(small_disk[1]), *argv]
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    lines = done.stderr.rstrip("\n").splitlines()
+    return done.returncode, lines[-1] if lines else ""
+
+
+def test_a_stage_that_raises_ends_in_one_line_naming_file_and_rows_and_resume_finishes(
+    ray_session: Any, tmp_path: Path, tiny_checkpoint: Path
+) -> None:
+    source = tmp_path / "in"
+    write_corpus(source, rows=64, files=1, seed=5)
+    broken = source / "broken.parquet"  # input 0: 64 rows in two row groups, the second one's pages corrupt
+    pq.write_table(
+        pq.read_table(source / "part-00000.parquet").set_column(0, "id", pa.array(range(64, 128))),
+        broken,
+        row_group_size=32,
+    )
+    original = corrupt_row_group(broken, row_group=1, column=1)
+    out = tmp_path / "out"
+    staging = Path(str(out) + STAGING_SUFFIX)
+    argv = ["batch", str(source), str(out), "--model", str(tiny_checkpoint), "--rows-per-call", "16"]
+
+    status, last = batch_process(ray_session, argv)
+    assert status == 3, last
+    command = f"sentiment batch {source} {out} --model {tiny_checkpoint} --rows-per-call 16 --resume"
+    match = re.fullmatch(
+        rf"sentiment batch: error: stage 'read' failed on {broken} rows 32-63: OSError: Corrupt snappy compressed "
+        rf"data\.; (\d) of 8 slices are complete and kept in {staging}; fix the cause, then continue with: "
+        rf"{re.escape(command)}; traceback in {staging}/_error.log",
+        last,
+    )
+    assert match, last
+    log = (staging / "_error.log").read_text()
+    assert log.startswith(last.removeprefix("sentiment batch: error: ").split("; traceback in")[0])
+    assert "Traceback" in log
+    assert "Corrupt snappy compressed data" in log
+    assert not out.exists()
+
+    broken.write_bytes(original)  # the cause fixed: the same file, readable
+    wait_for_free_cpus(ray_session, 8, timeout_s=60, gpus=1)
+    result = run(
+        PipelineArgs(
+            model=ModelConfig(model_id=str(tiny_checkpoint)),
+            input=str(source),
+            output=str(out),
+            rows_per_call=16,
+            resume=True,
+        )
+    )
+    assert (result.slices, result.skipped_slices) == (8, int(match.group(1)))
+    table = read_sorted(out)
+    assert table.column("id").to_pylist() == list(range(128))
+    assert table.column("error").null_count == 128
+    assert not (out / "_error.log").exists()
+    assert not staging.exists()
+
+
+def test_a_full_disk_ends_in_one_line_keeps_the_complete_slices_and_resume_writes_every_row_once(
+    ray_session: Any, tmp_path: Path, tiny_checkpoint: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    source = tmp_path / "in"
+    paths = write_corpus(source, rows=160, files=2, seed=11)
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    # A disk that holds about half of the output: the write fails midway, some slices complete.
+    capacity = sum(path.stat().st_size for path in paths) // 2
+    out = disk / "out"
+    staging = Path(str(out) + STAGING_SUFFIX)
+    argv = ["batch", str(source), str(out), "--model", str(tiny_checkpoint), "--rows-per-call", "8"]
+
+    status, last = batch_process(ray_session, argv, small_disk=(disk, capacity))
+    assert status == 3, last
+    command = f"sentiment batch {source} {out} --model {tiny_checkpoint} --rows-per-call 8 --resume"
+    match = re.fullmatch(
+        rf"sentiment batch: error: writing the results to {staging} failed: OSError: \[Errno 28\] No space left on "
+        rf"device; (\d+) of 20 slices are complete and kept in {staging}; free space on the disk of {staging}, then "
+        rf"continue with: {re.escape(command)}; traceback in (\S+)",
+        last,
+    )
+    assert match, last
+    done = int(match.group(1))
+    assert 0 < done < 20
+    # The staging disk is full: the traceback goes to a temporary file, unless it still fits there.
+    log = Path(match.group(2))
+    assert "No space left on device" in log.read_text()
+    if not is_within(str(log), str(disk)):
+        log.unlink()
+
+    # Space freed (the same directory, on a disk with room): the command the line gave.
+    wait_for_free_cpus(ray_session, 8, timeout_s=60, gpus=1)
+    assert main([*argv, "--resume"]) == 0
+    assert f"resumed: {done} of 20 slices were already complete" in capsys.readouterr().out
+    table = read_sorted(out)
+    assert table.column("id").to_pylist() == list(range(160))
+    assert table.column("error").null_count == 160
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
+    """A real filesystem of 128 KiB (a tmpfs), unmounted afterwards; skipped where mounting needs what we lack."""
+    point = tmp_path / "tmpfs"
+    point.mkdir()
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("a real small filesystem needs root and mount(8); the SmallDiskHandler test covers the job")
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=128k", "tmpfs", str(point)], capture_output=True, text=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.strip()}); the SmallDiskHandler test covers the job")
+    try:
+        yield point
+    finally:
+        subprocess.run(["umount", "-l", str(point)], check=False)
+
+
+def test_on_a_real_full_disk_the_run_ends_in_one_line_and_resumes_once_space_is_freed(
+    ray_session: Any, tmp_path: Path, tiny_checkpoint: Path, small_tmpfs: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    source = tmp_path / "in"
+    write_corpus(source, rows=160, files=2, seed=11)  # about 270 KB of output: twice the disk
+    out = small_tmpfs / "out"
+    staging = Path(str(out) + STAGING_SUFFIX)
+    argv = ["batch", str(source), str(out), "--model", str(tiny_checkpoint), "--rows-per-call", "8"]
+
+    status, last = batch_process(ray_session, argv)
+    assert status == 3, last
+    command = f"sentiment batch {source} {out} --model {tiny_checkpoint} --rows-per-call 8 --resume"
+    match = re.fullmatch(
+        rf"sentiment batch: error: writing the results to {staging} failed: OSError: \[Errno 28\] .*No space left on "
+        rf"device; (\d+) of 20 slices are complete and kept in {staging}; free space on the disk of {staging}, then "
+        rf"continue with: {re.escape(command)}; traceback in (\S+)",
+        last,
+    )
+    assert match, last
+    done = int(match.group(1))
+    assert 0 < done < 20
+    log = Path(match.group(2))
+    assert "No space left on device" in log.read_text()
+    if not is_within(str(log), str(small_tmpfs)):
+        log.unlink()
+
+    subprocess.run(["mount", "-o", "remount,size=64m", "tmpfs", str(small_tmpfs)], check=True)  # space freed
+    wait_for_free_cpus(ray_session, 8, timeout_s=60, gpus=1)
+    assert main([*argv, "--resume"]) == 0
+    assert f"resumed: {done} of 20 slices were already complete" in capsys.readouterr().out
+    table = read_sorted(out)
+    assert table.column("id").to_pylist() == list(range(160))
+    assert not staging.exists()

@@ -2,9 +2,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from pipelines.cli import resume_command
+from pipelines.errors import RunFailedError
 from ray_sentiment.cli import main
 from sentiment.config import ModelConfig
 from sentiment.model import SentimentClassifier
@@ -123,3 +126,27 @@ def test_int8_on_a_gpu_is_refused_before_anything_loads(capsys: pytest.CaptureFi
     assert main(["predict", "x", "--model", "./absent", "--dtype", "int8", "--device", "cuda"]) == 2
     err = capsys.readouterr().err
     assert "model: Value error, dtype int8 runs on the CPU (ONNX Runtime), not on device 'cuda'; use device" in err
+
+
+def test_a_failed_batch_run_exits_3_with_one_line_naming_the_command_that_continues(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import pipelines.batch
+
+    given: dict[str, Any] = {}
+
+    def failing_run(args: Any, progress_interval_s: float, resume_command: str | None) -> Any:
+        given["resume_command"] = resume_command
+        raise RunFailedError(f"stage 'model' failed: ValueError: boom; then continue with: {resume_command}")
+
+    monkeypatch.setattr(pipelines.batch, "run", failing_run)
+    argv = ["batch", "in dir", "out", "--model", "m", "--overwrite", "--rows-per-call", "16"]
+    assert main(argv) == 3
+    # The same words, but --resume for --overwrite (which would start over); quoted for a shell.
+    assert given["resume_command"] == "sentiment batch 'in dir' out --model m --rows-per-call 16 --resume"
+    last = capsys.readouterr().err.splitlines()[-1]
+    assert last == (
+        "sentiment batch: error: stage 'model' failed: ValueError: boom; then continue with: "
+        "sentiment batch 'in dir' out --model m --rows-per-call 16 --resume"
+    )
+    assert resume_command(["batch", "in", "out", "--resume"]) == "sentiment batch in out --resume"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import pickle
 from pathlib import Path
 
 import pyarrow.fs as pafs
@@ -9,7 +11,7 @@ import pytest
 
 from pipelines import files
 from pipelines.args import PipelineArgs
-from pipelines.files import Location, RecordingHandler
+from pipelines.files import Location, RecordingHandler, SmallDiskHandler
 from pipelines.plan import plan_inputs
 from sentiment.config import ModelConfig
 from sentiment.errors import InvalidInputError
@@ -77,3 +79,23 @@ def test_on_local_disk_a_directory_moves_with_one_rename(tmp_path: Path) -> None
     files.delete(files.locate(str(tmp_path / "deeper")))
     files.delete(files.locate(str(tmp_path / "absent")))  # nothing there: nothing to do
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_small_disk_fails_a_write_that_does_not_fit_as_a_full_disk_does_until_space_is_freed(tmp_path: Path) -> None:
+    disk = SmallDiskHandler(pafs.LocalFileSystem(), str(tmp_path), capacity=1000)
+    root = Location(pafs.PyFileSystem(disk), str(tmp_path))
+    files.write_text(root.child("a.txt"), "a" * 600)
+    with root.filesystem.open_output_stream(root.child("b.txt").path) as stream:
+        stream.write(b"b" * 300)
+        with pytest.raises(OSError, match=r"No space left on device") as full:
+            stream.write(b"b" * 300)  # 1200 bytes: does not fit
+    assert full.value.errno == errno.ENOSPC
+    assert (tmp_path / "b.txt").read_bytes() == b"b" * 300  # what it wrote before the disk was full stays
+    assert disk.used() == 900
+    files.delete(root.child("a.txt"))  # space freed: the same write fits
+    files.write_text(root.child("c.txt"), "c" * 600)
+    assert disk.used() == 900
+    # Pickled into another process (a Ray worker) it is the same disk: the files are the count.
+    copy = pickle.loads(pickle.dumps(root.filesystem))
+    with copy.open_output_stream(f"{tmp_path}/d.txt") as stream, pytest.raises(OSError, match=r"No space left"):
+        stream.write(b"d" * 200)

@@ -11,8 +11,9 @@ import pyarrow.parquet as pq
 from pipelines.args import PipelineArgs
 from pipelines.columns import SLICE, TEXT_ERROR
 from pipelines.plan import plan_inputs
-from pipelines.read import read_slices, slice_items
+from pipelines.read import item_slices, read_slices, slice_items
 from sentiment.config import ModelConfig
+from tests.helpers import invalid_utf8_strings
 
 ABSENT_MODEL = ModelConfig(model_id="/nonexistent/model")
 
@@ -66,3 +67,43 @@ def test_each_pending_slice_comes_as_one_table_with_its_id_and_the_unified_types
     assert {table.schema for table in tables} == {
         pa.schema([("id", pa.int64()), ("text", pa.string()), (TEXT_ERROR, pa.string()), (SLICE, pa.string())])
     }
+
+
+def test_undecodable_texts_are_read_as_row_errors_whatever_the_column_holds(tmp_path: Path) -> None:
+    # A string column holding unchecked bytes (as some Hive/Spark writers leave it) and a binary text column.
+    strings = invalid_utf8_strings([b"a good film", b"x" * 426 + b"\xff" * 64, None])
+    pq.write_table(pa.table({"id": [0, 1, 2], "text": strings}), tmp_path / "a.parquet", compression="none")
+    raw = pa.array([b"caf\xc3\xa9", b"\xc3("], pa.binary())
+    pq.write_table(pa.table({"id": [3, 4], "text": raw}), tmp_path / "b.parquet")
+    plan = plan_inputs(PipelineArgs(model=ABSENT_MODEL, input=str(tmp_path), output="o", rows_per_call=4))
+    assert plan.read_schema.field("text").type == pa.string()
+
+    items = slice_items(plan, plan.slices)
+    tables = [
+        table
+        for item in items
+        for table in read_slices(
+            pa.Table.from_pylist([item]),
+            filesystem=pafs.LocalFileSystem(),
+            schema=plan.read_schema,
+            rows_per_slice=4,
+            text_column="text",
+        )
+    ]
+    got = pa.concat_tables(tables)
+    got.validate(full=True)  # nothing undecodable leaves the read
+    assert got.column(TEXT_ERROR).to_pylist() == [
+        None,
+        "text is not valid UTF-8 (byte 0xff at offset 426)",
+        None,
+        None,
+        "text is not valid UTF-8 (byte 0xc3 at offset 0)",
+    ]
+    assert got.column("text").to_pylist() == ["a good film", "x" * 426 + "\ufffd" * 64, None, "café", "\ufffd("]
+
+
+def test_a_read_failure_names_the_slices_it_was_asked_for() -> None:
+    items = pa.Table.from_pylist(
+        [{"file": 3, "path": "/in/a.parquet", "row_group": 1, "rows": 10, "first_slice": 4, "slices": [5, 6]}]
+    )
+    assert item_slices(items) == (["00003-00005", "00003-00006"], None)

@@ -22,10 +22,12 @@ from pipelines.batch import run
 from pipelines.files import Location, RecordingHandler
 from pipelines.plan import STAGING_SUFFIX, InputPlan, plan_inputs, with_labels
 from pipelines.staging import (
+    ERROR_LOG,
     BatchJobError,
     RunState,
     Start,
     commit,
+    complete_slices,
     manifest,
     open_output,
     prepare,
@@ -308,3 +310,29 @@ def test_an_output_that_is_a_file_or_a_bucket_root_is_refused(tmp_path: Path) ->
         open_output(PipelineArgs(model=ABSENT_MODEL, input="in", output=str(tmp_path / "out")))
     with pytest.raises(InvalidInputError, match=r"output / must be a directory below a bucket or filesystem root"):
         open_output(PipelineArgs(model=ABSENT_MODEL, input="in", output="/"))
+
+
+def test_complete_slices_have_every_row_in_readable_files_and_the_commit_leaves_a_failed_runs_log_behind(
+    tmp_path: Path,
+) -> None:
+    write_corpus(tmp_path / "in", rows=10, files=1)
+    args = PipelineArgs(model=ABSENT_MODEL, input=str(tmp_path / "in"), output=str(tmp_path / "out"), rows_per_call=4)
+    plan = with_labels(plan_inputs(args), ["neg", "pos"])
+    staging = tmp_path / "out.staging"
+    for piece, rows in (("00000-00000", 4), ("00000-00001", 4)):
+        (staging / f"__slice={piece}").mkdir(parents=True)
+        pq.write_table(pa.table({"id": list(range(rows))}), staging / f"__slice={piece}" / "x-0.parquet")
+    # A write the disk cut short: no footer, never complete.
+    cut = staging / "__slice=00000-00001" / "x-0.parquet"
+    cut.write_bytes(cut.read_bytes()[:-20])
+    (staging / ERROR_LOG).write_text("the traceback of the run that failed\n")
+    location = files.locate(str(staging))
+    assert [piece.id for piece in complete_slices(location, plan)] == ["00000-00000"]
+
+    for piece, rows in (("00000-00001", 4), ("00000-00002", 2)):
+        (staging / f"__slice={piece}").mkdir(parents=True, exist_ok=True)
+        pq.write_table(pa.table({"id": list(range(rows))}), staging / f"__slice={piece}" / "x-0.parquet")
+    assert len(complete_slices(location, plan)) == 3
+    commit(RunState(files.locate(str(tmp_path / "out")), location, Start.RESUME), plan)
+    assert not (tmp_path / "out" / ERROR_LOG).exists()
+    assert (tmp_path / "out" / "_SUCCESS").exists()
