@@ -12,9 +12,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
-
-from sentiment.model import Prediction
+import pyarrow.compute as pc
 
 _LEADING = ("label", "score")
 _TRAILING = ("num_tokens", "truncated", "error")
@@ -52,24 +52,41 @@ def scored_labels(schema: pa.Schema) -> list[str] | None:
     return [name[len("score_") :] for name in middle]
 
 
-def with_predictions(
-    table: pa.Table, predictions: Sequence[Prediction | None], errors: Sequence[str | None], labels: Sequence[str]
+def with_scores(
+    table: pa.Table,
+    probabilities: np.ndarray,
+    predicted: np.ndarray,
+    num_tokens: pa.Array | pa.ChunkedArray,
+    truncated: pa.Array | pa.ChunkedArray,
+    errors: pa.Array | pa.ChunkedArray,
+    labels: Sequence[str],
 ) -> pa.Table:
     """``table`` (the input columns, renamed by `output_name`) followed by the prediction columns.
 
-    A row with an ``errors`` entry has no prediction (None) and null prediction columns.
+    ``probabilities`` (float, rows x labels) holds each row's class probabilities; ``predicted``
+    (bool per row) says which rows have a prediction: the others (those with an ``errors`` entry)
+    get null prediction columns. Built from arrays, with no Python object per row.
     """
     schema = prediction_schema(labels)
-    rows: dict[str, list[Any]] = {
-        "label": [p.label if p else None for p in predictions],
-        "score": [p.score if p else None for p in predictions],
+    missing = ~np.asarray(predicted, dtype=bool)
+    has = pa.array(~missing)
+    probabilities = np.asarray(probabilities, dtype=np.float64).reshape(len(missing), len(labels))
+    best = probabilities.argmax(axis=1) if len(labels) else np.zeros(len(missing), dtype=np.int64)
+    columns: dict[str, Any] = {
+        "label": pc.take(pa.array(list(labels), pa.string()), pa.array(best, mask=missing)),
+        "score": pa.array(probabilities.max(axis=1, initial=0.0), mask=missing),
     }
-    for label in labels:
-        rows[f"score_{label}"] = [p.scores[label] if p else None for p in predictions]
-    rows["num_tokens"] = [p.num_tokens if p else None for p in predictions]
-    rows["truncated"] = [p.truncated if p else None for p in predictions]
-    rows["error"] = list(errors)
+    for index, label in enumerate(labels):
+        columns[f"score_{label}"] = pa.array(probabilities[:, index], mask=missing)
+    columns["num_tokens"] = pc.if_else(has, num_tokens, pa.scalar(None, pa.int64()))
+    columns["truncated"] = pc.if_else(has, truncated, pa.scalar(None, pa.bool_()))
+    columns["error"] = errors
     table = table.rename_columns([output_name(name, labels) for name in table.column_names])
     for name in schema.names:
-        table = table.append_column(schema.field(name), pa.array(rows[name], type=schema.field(name).type))
+        field = schema.field(name)
+        table = table.append_column(field, _as_chunked(columns[name]).cast(field.type))
     return table
+
+
+def _as_chunked(column: pa.Array | pa.ChunkedArray) -> pa.ChunkedArray:
+    return column if isinstance(column, pa.ChunkedArray) else pa.chunked_array([column])

@@ -21,6 +21,7 @@ LongTextStrategy = Literal["head", "tail", "head_tail", "chunks"]
 DeviceName = str
 DTypeName = Literal["auto", "fp32", "bf16", "fp16", "int8"]
 BackendName = Literal["auto", "torch", "onnxruntime"]
+GPUFallback = Literal["fail", "cpu"]
 
 
 class ModelConfig(BaseModel):
@@ -109,6 +110,22 @@ class ModelConfig(BaseModel):
         description=(
             "Cap this process's CUDA memory to this fraction of the card. Ray does not isolate fractional "
             "GPUs, so a replica given 0.25 GPU should set 0.25. None: no cap."
+        ),
+    )
+    gpu_fallback: GPUFallback = Field(
+        "fail",
+        description=(
+            "What a replica or batch actor that reserved a GPU from Ray does when torch cannot use one (a CPU "
+            "build of torch, a driver too old for torch's CUDA, a device plugin that exposed nothing): 'fail' at "
+            "start naming the cause, or 'cpu': run on the CPU with a warning, about 100x slower for BERT "
+            "(logical GPUs in tests)."
+        ),
+    )
+    compile: bool = Field(
+        False,
+        description=(
+            "Run the torch model through torch.compile (dynamic shapes): each process compiles on its first "
+            "batches, then may run faster. Off until measured on the card (python -m benchmarks.gpu_check)."
         ),
     )
     local_files_only: bool = Field(

@@ -11,6 +11,10 @@ classifier passes in the real values. No ray import here; torch only inside `lim
 - under Ray with **zero** GPUs reserved: the CPU, even when CUDA is visible. Ray 2.60 no longer
   hides the GPUs from a worker that reserved none (Ray issue 54868), so "CUDA if visible" would
   put a CPU replica or a CPU batch actor on a card it never reserved, uncapped;
+- under Ray with GPUs reserved but none that torch can use (a CPU build of torch, a CUDA build
+  newer than the node's driver, a device plugin that exposed nothing): a `ModelLoadError` at
+  start that names the cause (`gpu_unusable_cause`), since BERT on one core runs about 100x slower
+  while everything reports success; ``gpu_fallback: cpu`` runs on the CPU instead, with a warning;
 - outside Ray (``sentiment predict`` on a workstation): CUDA if torch sees it, else the CPU.
 """
 
@@ -35,18 +39,23 @@ def resolve_device(
     cuda_available: bool,
     reserved_gpus: Sequence[int | str] | None,
     visible_devices: str | None,
+    gpu_fallback: str,
+    torch_cuda: str | None,
 ) -> str:
     """The torch device (``"cpu"`` or ``"cuda:N"``, always with an index) a classifier runs on.
 
     ``reserved_gpus`` is ``ray.get_gpu_ids()`` when running under Ray, None outside Ray;
-    ``visible_devices`` is this process's ``CUDA_VISIBLE_DEVICES``. 'cuda' and 'cuda:N' force a GPU.
+    ``visible_devices`` is this process's ``CUDA_VISIBLE_DEVICES``; ``torch_cuda`` is
+    ``torch.version.cuda`` (None for a CPU build). 'cuda' and 'cuda:N' force a GPU. A process that
+    reserved GPUs torch cannot use fails, naming why, unless ``gpu_fallback`` is 'cpu'.
     """
     if requested == "cpu":
         return "cpu"
     if requested.startswith("cuda"):
         if not cuda_available:
             raise ModelLoadError(
-                f"device is {requested!r} but this process sees no CUDA GPU; use device 'auto' or 'cpu'"
+                f"device is {requested!r} but this process sees no CUDA GPU: "
+                f"{gpu_unusable_cause(torch_cuda, visible_devices)}; use device 'auto' or 'cpu'"
             )
         if requested != "cuda":
             return requested
@@ -58,14 +67,42 @@ def resolve_device(
     if not reserved_gpus:
         return "cpu"
     if not cuda_available:
-        # Logical GPUs (a test cluster, a node that declares GPUs without a driver or with a CPU
-        # build of torch): Ray scheduled us as if a GPU were there; say so instead of failing.
+        cause = gpu_unusable_cause(torch_cuda, visible_devices)
+        if gpu_fallback != "cpu":
+            raise ModelLoadError(
+                f"this process reserved GPU ids {list(reserved_gpus)} from Ray but torch sees no CUDA device: "
+                f"{cause}. Fix the node, or set gpu_fallback 'cpu' (--gpu-fallback cpu) to run on the CPU "
+                "instead (BERT runs about 100x slower there)"
+            )
+        # Logical GPUs (a test cluster) with an explicit fallback: say so, then run.
         logger.warning(
-            "This process reserved GPU ids %s from Ray but torch sees no CUDA device; running on the CPU.",
+            "This process reserved GPU ids %s from Ray but torch sees no CUDA device (%s); running on the CPU "
+            "(gpu_fallback cpu).",
             list(reserved_gpus),
+            cause,
         )
         return "cpu"
     return f"cuda:{cuda_index(reserved_gpus[0], visible_devices)}"
+
+
+def gpu_unusable_cause(torch_cuda: str | None, visible_devices: str | None) -> str:
+    """Why torch sees no CUDA device, from what torch was built for and what the process was shown."""
+    if visible_devices is not None and not visible_devices.strip():
+        shown = "CUDA_VISIBLE_DEVICES is empty, which hides every GPU"
+    elif visible_devices is None:
+        shown = "CUDA_VISIBLE_DEVICES is unset"
+    else:
+        shown = f"CUDA_VISIBLE_DEVICES is {visible_devices!r}"
+    if torch_cuda is None:
+        return (
+            f"the installed torch is a CPU build (torch.version.cuda is None; {shown}); install a CUDA build "
+            "of torch on this node"
+        )
+    return (
+        f"torch is built for CUDA {torch_cuda} but torch.cuda.is_available() is false ({shown}): the node's "
+        f"NVIDIA driver is missing or older than CUDA {torch_cuda} needs, or its device plugin exposed no GPU "
+        "to this process"
+    )
 
 
 def cuda_index(gpu_id: int | str, visible_devices: str | None) -> int:

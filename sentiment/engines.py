@@ -4,7 +4,7 @@
 tokens, halves a pass that ran out of device memory and turns logits into labels, whatever runs the
 model. An `Engine` only runs it:
 
-- `TorchEngine`: eager PyTorch on the CPU or a GPU, in fp32, bf16 or fp16;
+- `TorchEngine`: PyTorch on the CPU or a GPU, in fp32, bf16 or fp16, eager or ``torch.compile``'d;
 - `OnnxRuntimeEngine`: ONNX Runtime on the CPU, fp32 or int8, from a directory `sentiment export`
   wrote (`sentiment.exported`), or from one it exports once into a local cache (`sentiment.export`).
   It never imports torch.
@@ -40,7 +40,13 @@ logger = logging.getLogger(__name__)
 
 
 class Engine(Protocol):
-    """What runs the model: one padded batch of token ids in, one row of logits per sequence out."""
+    """What runs the model: padded batches of token ids in, one row of logits per sequence out.
+
+    A call of the classifier runs several passes, then reads all their logits back at once:
+    `forward` may leave its logits where it computed them (on the GPU, with the pass still running:
+    CUDA launches return at once, so the classifier pads the next batch meanwhile) and `to_numpy`
+    brings a call's logits to the host in one copy, the call's one wait for the device.
+    """
 
     backend: str
     """'torch' or 'onnxruntime'."""
@@ -53,8 +59,16 @@ class Engine(Protocol):
     memory_errors: tuple[type[BaseException], ...]
     """What a pass raises when it runs out of device memory: the classifier halves the batch and retries."""
 
-    def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
-        """Logits (float32, batch x labels) for int64 ids and mask of shape batch x longest."""
+    def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray | None) -> Any:
+        """Logits (batch x labels) for int64 ids of shape batch x longest, wherever the engine keeps them.
+
+        ``attention_mask`` (int64, 1 = token) is None when no member is padded. Both arrays are the
+        classifier's and are reused for the next pass: an engine copies what it keeps.
+        """
+        ...
+
+    def to_numpy(self, logits: Sequence[Any]) -> np.ndarray:
+        """The logits of several `forward` calls, in order, as one float32 host array (rows stacked)."""
         ...
 
     def release_memory(self) -> None:
@@ -115,7 +129,7 @@ _TORCH_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
 class TorchEngine:
-    """Eager PyTorch: the checkpoint loaded onto the device and precision `sentiment.devices` resolves."""
+    """Eager PyTorch (or ``torch.compile``'d): the checkpoint on the device and precision `sentiment.devices` resolves."""
 
     backend = "torch"
 
@@ -132,15 +146,17 @@ class TorchEngine:
                 cuda_available=torch.cuda.is_available(),
                 reserved_gpus=reserved_gpus,
                 visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"),
+                gpu_fallback=config.gpu_fallback,
+                torch_cuda=torch.version.cuda,
             )
         )
         self.device = str(self.torch_device)
-        on_gpu = self.torch_device.type == "cuda"
-        capability = torch.cuda.get_device_capability(self.torch_device) if on_gpu else None
+        self.on_gpu = self.torch_device.type == "cuda"
+        capability = torch.cuda.get_device_capability(self.torch_device) if self.on_gpu else None
         self.dtype = resolve_dtype(config.dtype, self.device, capability)
-        self.gpu_memory_fraction = config.gpu_memory_fraction if on_gpu else None
+        self.gpu_memory_fraction = config.gpu_memory_fraction if self.on_gpu else None
         self.gpu_memory_cap_bytes: int | None = None
-        if on_gpu:
+        if self.on_gpu:
             torch.cuda.set_device(self.torch_device)
             if config.gpu_memory_fraction is not None:
                 # The device carries its index: torch refuses a bare "cuda" here.
@@ -152,25 +168,63 @@ class TorchEngine:
         self.model = load_model(config, getattr(torch, _TORCH_DTYPES[self.dtype]))
         self.model.to(self.torch_device)
         self.model.eval()
+        self.compiled = config.compile
+        # dynamic=True: one graph for every batch shape, instead of a compile per new length.
+        self._run = torch.compile(self.model, dynamic=True) if config.compile else self.model
+        self._attention = getattr(self.model.config, "_attn_implementation", None)
+        self._mask_value = torch.finfo(self.model.dtype).min
 
-    def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+    def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray | None) -> Any:
         import torch
 
         with torch.inference_mode():
-            logits = self.model(
-                input_ids=torch.from_numpy(input_ids).to(self.torch_device),
-                attention_mask=torch.from_numpy(attention_mask).to(self.torch_device),
+            logits = self._run(
+                input_ids=self._to_device(input_ids), attention_mask=self._mask(attention_mask)
             ).logits
-            return logits.float().cpu().numpy()
+            # Still on the device, the pass perhaps still running: `to_numpy` waits once per call.
+            return logits.float()
+
+    def to_numpy(self, logits: Sequence[Any]) -> np.ndarray:
+        import torch
+
+        with torch.inference_mode():
+            stacked = logits[0] if len(logits) == 1 else torch.cat(list(logits))
+            return np.asarray(stacked.cpu().numpy(), dtype=np.float32)
+
+    def _to_device(self, array: np.ndarray) -> Any:
+        import torch
+
+        tensor = torch.from_numpy(array)
+        if not self.on_gpu:
+            return tensor
+        # A pinned copy lets the upload run asynchronously; torch's pinned-memory cache keeps the block
+        # until the copy has run, so the classifier may refill its own array at once.
+        return tensor.pin_memory().to(self.torch_device, non_blocking=True)
+
+    def _mask(self, attention_mask: np.ndarray | None) -> Any:
+        """The mask as the model's attention takes it prepared, or None when nothing is padded.
+
+        Given a 2-D mask, transformers' SDPA path checks ``mask.all()`` to skip it: a host sync per
+        pass. A 4-D mask is used as it is, so a padded batch is masked without that check, and an
+        unpadded one runs without a mask (and may use the flash kernel).
+        """
+        if attention_mask is None:
+            return None
+        mask = self._to_device(attention_mask)
+        if self._attention == "sdpa":
+            return mask[:, None, None, :].bool()
+        if self._attention == "eager":
+            return (1.0 - mask[:, None, None, :].to(self.model.dtype)) * self._mask_value
+        return mask
 
     def release_memory(self) -> None:
-        if self.torch_device.type == "cuda":
+        if self.on_gpu:
             import torch
 
             torch.cuda.empty_cache()
 
     def peak_memory_bytes(self) -> int | None:
-        if self.torch_device.type != "cuda":
+        if not self.on_gpu:
             return None
         import torch
 
@@ -182,6 +236,7 @@ class TorchEngine:
             "dtype": self.dtype,
             "device": self.device,
             "threads": self.threads,
+            "compile": self.compiled,
             "gpu_memory_fraction": self.gpu_memory_fraction,
             "gpu_memory_cap_bytes": self.gpu_memory_cap_bytes,
         }
@@ -225,12 +280,17 @@ class OnnxRuntimeEngine:
         self._token_type_ids = "token_type_ids" in inputs
         self._output = self.session.get_outputs()[0].name
 
-    def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
-        feeds = {"input_ids": input_ids, "attention_mask": attention_mask}
+    def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray | None) -> np.ndarray:
+        # The exported graph always takes a mask.
+        mask = np.ones_like(input_ids) if attention_mask is None else attention_mask
+        feeds = {"input_ids": input_ids, "attention_mask": mask}
         if self._token_type_ids:
             feeds["token_type_ids"] = np.zeros_like(input_ids)
         (logits,) = self.session.run([self._output], feeds)
         return np.asarray(logits, dtype=np.float32)
+
+    def to_numpy(self, logits: Sequence[Any]) -> np.ndarray:
+        return np.concatenate(list(logits)) if len(logits) != 1 else np.asarray(logits[0])
 
     def release_memory(self) -> None:
         return None
@@ -244,6 +304,7 @@ class OnnxRuntimeEngine:
             "dtype": self.dtype,
             "device": self.device,
             "threads": self.threads,
+            "compile": False,
             "gpu_memory_fraction": None,
             "gpu_memory_cap_bytes": None,
         }

@@ -26,6 +26,7 @@ from sentiment.config import LongTextStrategy, ModelConfig, auto_max_batch_token
 from sentiment.encoding import EncodedText, TextEncoder
 from sentiment.engines import Engine, load_engine
 from sentiment.errors import DeviceMemoryError
+from sentiment.packing import Padder, TokenWindows, WindowBatch
 
 logger = logging.getLogger(__name__)
 
@@ -49,25 +50,39 @@ class Prediction:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class TextScores:
+    """Class probabilities of a call's texts, as arrays (the batch job builds its columns from these)."""
+
+    probabilities: np.ndarray
+    """float32, texts x labels: the mean over each text's windows; zeros for a failed text."""
+    failed: np.ndarray
+    """bool per text: a window of it did not fit in device memory even alone."""
+    longest: np.ndarray
+    """int64 per text: tokens of its longest window (what a failure message names)."""
+
+
 def plan_batches(lengths: Sequence[int], forward_max_tokens: int, forward_max_inputs: int) -> list[list[int]]:
     """Group input indices into batches, longest first, each under the token budget.
 
     A batch costs ``len(batch) * longest member`` (it is padded to its longest member). Sorting by
     length first keeps members of a batch alike, so little of that cost is padding; an input
-    longer than the whole budget runs alone.
+    longer than the whole budget runs alone. Equal lengths keep their input order.
     """
-    order = sorted(range(len(lengths)), key=lambda i: lengths[i], reverse=True)
+    sizes = np.asarray(lengths, dtype=np.int64)
+    order = np.argsort(-sizes, kind="stable")
     batches: list[list[int]] = []
-    current: list[int] = []
-    for index in order:
+    start = longest = 0
+    for position, length in enumerate(sizes[order].tolist()):
         # Sorted descending, so the first member is the longest and sets the padded width.
-        longest = lengths[current[0]] if current else lengths[index]
-        if current and ((len(current) + 1) * longest > forward_max_tokens or len(current) >= forward_max_inputs):
-            batches.append(current)
-            current = []
-        current.append(index)
-    if current:
-        batches.append(current)
+        members = position - start
+        if members and ((members + 1) * longest > forward_max_tokens or members >= forward_max_inputs):
+            batches.append(order[start:position].tolist())
+            start = position
+        if position == start:
+            longest = length
+    if start < len(order):
+        batches.append(order[start:].tolist())
     return batches
 
 
@@ -119,6 +134,7 @@ class SentimentClassifier:
             else int(self.config.forward_max_tokens)
         )
         self._pad_id = self.encoder.pad_id
+        self._padder = Padder(self._pad_id)
         # One worker each: forward passes are serialized anyway (they share the cores or the GPU),
         # and fast tokenizers raise "Already borrowed" when one instance is used from two threads,
         # so the async API tokenizes only on its tokenizer thread and never on the model thread.
@@ -156,6 +172,7 @@ class SentimentClassifier:
             "device": self.device,
             "threads": engine["threads"],
             "reserved_gpus": None if self.reserved_gpus is None else [str(gpu) for gpu in self.reserved_gpus],
+            "compile": engine.get("compile", False),
             "gpu_memory_fraction": engine["gpu_memory_fraction"],
             "gpu_memory_cap_bytes": engine["gpu_memory_cap_bytes"],
             "forward_max_tokens": self.forward_max_tokens,
@@ -174,40 +191,51 @@ class SentimentClassifier:
 
     # -- inference ---------------------------------------------------------------------------
 
-    def forward(self, sequences: Sequence[Sequence[int]]) -> np.ndarray:
+    def forward(self, sequences: Sequence[Sequence[int]] | TokenWindows) -> np.ndarray:
         """Class probabilities (float32, one row per sequence, input order) for model-ready id lists.
 
         Raises `DeviceMemoryError` if a sequence does not fit in GPU memory even alone (see `forward_each`).
         """
-        probabilities, failed = self.forward_each(sequences)
+        windows = TokenWindows.from_lists(sequences)
+        probabilities, failed = self.forward_each(windows)
         if failed:
-            raise DeviceMemoryError(self._memory_message(max(len(sequences[i]) for i in failed)))
+            raise DeviceMemoryError(self.memory_message(max(len(windows[i]) for i in failed)))
         return probabilities
 
-    def forward_each(self, sequences: Sequence[Sequence[int]]) -> tuple[np.ndarray, list[int]]:
+    def forward_each(self, sequences: Sequence[Sequence[int]] | TokenWindows) -> tuple[np.ndarray, list[int]]:
         """Class probabilities for every sequence that fits, and the indices of those that do not.
 
         Sequences are grouped by `plan_batches`; each batch is padded to its own longest member. A
         forward pass that runs out of GPU memory is split in halves and retried, down to single
         sequences; a sequence that does not fit even alone keeps a row of zeros and is listed.
+        The passes' logits stay with the engine (on the GPU) until every pass has been launched, then
+        come back in one copy: one wait for the device per call, not one per pass.
         """
-        probabilities = np.zeros((len(sequences), len(self.labels)), dtype=np.float32)
-        lengths = [len(sequence) for sequence in sequences]
+        windows = TokenWindows.from_lists(sequences)
+        probabilities = np.zeros((len(windows), len(self.labels)), dtype=np.float32)
+        lengths = windows.lengths
         failed: list[int] = []
+        done: list[np.ndarray] = []
+        logits: list[Any] = []
         for batch in plan_batches(lengths, self.forward_max_tokens, self.config.forward_max_inputs):
-            self.tokens_run += sum(lengths[i] for i in batch)
-            self.tokens_padded += len(batch) * lengths[batch[0]]  # longest first
-            failed += self._forward_splitting(batch, sequences, probabilities)
+            members = np.asarray(batch, dtype=np.int64)
+            self.tokens_run += int(lengths[members].sum())
+            self.tokens_padded += len(batch) * int(lengths[members[0]])  # longest first
+            failed += self._forward_splitting(WindowBatch(windows, members), done, logits)
+        if logits:
+            probabilities[np.concatenate(done)] = softmax(self.engine.to_numpy(logits))
         return probabilities, sorted(failed)
 
-    def _forward_splitting(self, batch: list[int], sequences: Sequence[Sequence[int]], out: np.ndarray) -> list[int]:
-        """Run ``batch`` (indices into ``sequences``) into ``out``, halving on OOM; the indices that never fit."""
-        pending = [batch]
+    def _forward_splitting(self, batch: WindowBatch, done: list[np.ndarray], logits: list[Any]) -> list[int]:
+        """Run ``batch``, halving on OOM; each pass's members go to ``done`` and its logits to ``logits``.
+        Returns the indices that never fit."""
+        pending = [batch.indices]
         failed: list[int] = []
         while pending:
             part = pending.pop()
             try:
-                out[part] = self._forward_batch([sequences[i] for i in part])
+                logits.append(self._forward_batch(WindowBatch(batch.windows, part)))
+                done.append(part)
                 continue
             except self.engine.memory_errors:
                 # Handled after the except block: until it ends, the traceback keeps the failed
@@ -215,7 +243,7 @@ class SentimentClassifier:
                 pass
             self.engine.release_memory()
             if len(part) == 1:
-                failed.append(part[0])
+                failed.append(int(part[0]))
                 continue
             self.oom_splits += 1
             half = len(part) // 2
@@ -225,7 +253,8 @@ class SentimentClassifier:
             logger.warning("%d inputs did not fit in %s memory even alone", len(failed), self.device)
         return failed
 
-    def _memory_message(self, tokens: int) -> str:
+    def memory_message(self, tokens: int) -> str:
+        """What a text whose window of ``tokens`` tokens does not fit even alone is told."""
         cap = (
             f", capped at {self.gpu_memory_cap_bytes / 2**30:.1f} GiB (gpu_memory_fraction "
             f"{self.config.gpu_memory_fraction})"
@@ -237,18 +266,37 @@ class SentimentClassifier:
             "max_length, give this process a larger GPU share (num_gpus) or memory cap, or run on a larger card"
         )
 
-    def _forward_batch(self, batch: list[Sequence[int]]) -> np.ndarray:
+    def _forward_batch(self, batch: Sequence[Sequence[int]]) -> Any:
         """One forward pass over ``batch``, padded to its longest member: the seam tests inject faults at.
 
-        The engine returns logits; probabilities are taken here in float32, the same for every engine.
+        Returns the engine's logits, left where it computed them; `forward_each` reads a call's back
+        at once and takes probabilities in float32 on the host, the same for every engine.
         """
-        longest = max(len(sequence) for sequence in batch)
-        input_ids = np.full((len(batch), longest), self._pad_id, dtype=np.int64)
-        attention_mask = np.zeros((len(batch), longest), dtype=np.int64)
-        for row, sequence in enumerate(batch):
-            input_ids[row, : len(sequence)] = sequence
-            attention_mask[row, : len(sequence)] = 1
-        return softmax(self.engine.forward(input_ids, attention_mask))
+        if not isinstance(batch, WindowBatch):
+            packed = TokenWindows.from_lists(batch)
+            batch = WindowBatch(packed, np.arange(len(packed)))
+        input_ids, attention_mask = self._padder.pad(batch)
+        return self.engine.forward(input_ids, attention_mask)
+
+    def score_windows(self, windows: TokenWindows, windows_per_text: np.ndarray) -> TextScores:
+        """Each text's probabilities, averaged over its windows (``windows_per_text``, in order, each >= 1).
+
+        Averaging window probabilities is how Spark NLP's coalesceSentences combines sentences.
+        """
+        counts = np.asarray(windows_per_text, dtype=np.int64)
+        labels = len(self.labels)
+        if not len(counts):
+            return TextScores(np.zeros((0, labels), np.float32), np.zeros(0, bool), np.zeros(0, np.int64))
+        probabilities, failed_windows = self.forward_each(windows)
+        starts = np.cumsum(counts) - counts
+        means = np.add.reduceat(probabilities, starts, axis=0) / counts[:, None].astype(np.float32)
+        failed = np.zeros(len(counts), dtype=bool)
+        if failed_windows:
+            owner = np.repeat(np.arange(len(counts)), counts)
+            failed[owner[failed_windows]] = True
+            means[failed] = 0
+        longest = np.maximum.reduceat(windows.lengths, starts) if len(windows) else np.zeros(0, np.int64)
+        return TextScores(means, failed, longest)
 
     def predict_encoded(self, encoded: Sequence[EncodedText]) -> list[Prediction | DeviceMemoryError]:
         """One result per encoded text, in order: its `Prediction`, or the error that text alone met.
@@ -257,26 +305,21 @@ class SentimentClassifier:
         window that does not fit in GPU memory even alone (`DeviceMemoryError`); every other text of
         the call still gets its prediction, so a caller answers or writes everything else.
         """
-        windows = [window for text in encoded for window in text.windows]
-        probabilities, failed_windows = self.forward_each(windows)
-        owner = np.repeat(np.arange(len(encoded)), [len(text.windows) for text in encoded])
-        failed = {int(owner[window]) for window in failed_windows}
+        windows = TokenWindows.from_lists([window for text in encoded for window in text.windows])
+        scores = self.score_windows(windows, np.array([len(text.windows) for text in encoded], dtype=np.int64))
+        best = scores.probabilities.argmax(axis=1).tolist()
+        rows = scores.probabilities.tolist()
         results: list[Prediction | DeviceMemoryError] = []
-        start = 0
         for index, text in enumerate(encoded):
-            rows = probabilities[start : start + len(text.windows)]
-            start += len(text.windows)
-            if index in failed:
-                results.append(DeviceMemoryError(self._memory_message(max(len(w) for w in text.windows))))
+            if scores.failed[index]:
+                results.append(DeviceMemoryError(self.memory_message(int(scores.longest[index]))))
                 continue
-            # Averaging window probabilities is how Spark NLP's coalesceSentences combines sentences.
-            mean = rows.mean(axis=0)
-            best = int(mean.argmax())
+            row = rows[index]
             results.append(
                 Prediction(
-                    label=self.labels[best],
-                    score=float(mean[best]),
-                    scores={label: float(p) for label, p in zip(self.labels, mean, strict=True)},
+                    label=self.labels[best[index]],
+                    score=row[best[index]],
+                    scores=dict(zip(self.labels, row, strict=True)),
                     num_tokens=text.num_tokens,
                     truncated=text.truncated,
                 )

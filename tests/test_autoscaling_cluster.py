@@ -141,7 +141,8 @@ def test_a_gpu_batch_job_adds_gpu_workers_and_idle_ones_are_removed(tmp_path: Pa
         assert gpu_nodes() == 0
         write_corpus(tmp_path / "in", rows=200, files=2, seed=13)
         args = PipelineArgs(
-            model=ModelConfig(model_id=str(tiny_checkpoint)),
+            # The autoscaler's GPU workers are logical: torch sees no GPU behind them.
+            model=ModelConfig(model_id=str(tiny_checkpoint), gpu_fallback="cpu"),
             input=str(tmp_path / "in"),
             output=str(tmp_path / "out"),
             num_gpus=1,

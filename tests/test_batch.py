@@ -51,6 +51,12 @@ OUTPUT_COLUMNS = [
 ]
 
 
+# The shared Ray's GPU is logical (torch sees none behind it): its GPU actors may run on the CPU only when
+# told so. fp32 on every device, so that on a GPU host, too, the outputs match the CPU reference within 1e-5.
+LOGICAL_GPU_FLAGS = ["--gpu-fallback", "cpu", "--dtype", "fp32"]
+LOGICAL_GPU_MODEL: dict[str, Any] = {"gpu_fallback": "cpu", "dtype": "fp32"}
+
+
 def read_sorted(path: Path) -> pa.Table:
     table = pq.read_table(path)
     return table.sort_by("id")
@@ -93,6 +99,7 @@ def scored(ray_session: Any, corpus: Path, tiny_checkpoint: Path) -> tuple[Path,
     out = corpus.parent / "out"
     printed = io.StringIO()
     argv = ["batch", str(corpus), str(out), "--model", str(tiny_checkpoint), "--actors", "1-2", "--rows-per-call", "32"]
+    argv += LOGICAL_GPU_FLAGS
     with contextlib.redirect_stdout(printed):
         assert main(argv) == 0
     return out, printed.getvalue()
@@ -216,7 +223,7 @@ def test_run_report_holds_the_numbers_of_the_output_and_the_summary_line_comes_f
         "revision": None,
         "labels": ["neg", "pos"],
         "backend": "auto",
-        "dtype": "auto",
+        "dtype": "fp32",
         "device": "auto",
         # num_gpus auto on a Ray with a (logical) GPU: one GPU per actor.
         "num_gpus_per_actor": 1.0,
@@ -225,8 +232,11 @@ def test_run_report_holds_the_numbers_of_the_output_and_the_summary_line_comes_f
     assert 1 <= len(report["actors"]) <= 2
     for actor in report["actors"]:
         assert len(actor["reserved_gpus"]) == 1
+        assert actor["rows"] > 0
+        assert 0 < actor["model_seconds"] <= actor["seconds"]
+        assert actor["first_call_at"] <= actor["last_call_at"]
         if torch.cuda.is_available():
-            assert (actor["device"], actor["dtype"]) == ("cuda:0", "bf16")
+            assert (actor["device"], actor["dtype"]) == ("cuda:0", "fp32")
         else:
             assert (actor["device"], actor["dtype"], actor["gpu_memory_cap_bytes"]) == ("cpu", "fp32", None)
         assert actor["torch_threads"] >= 1
@@ -302,7 +312,8 @@ def test_resume_of_a_complete_output_has_nothing_to_do(
     scored: tuple[Path, str], corpus: Path, tiny_checkpoint: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out, _ = scored
-    assert main(["batch", str(corpus), str(out), "--model", str(tiny_checkpoint), "--resume"]) == 0
+    argv = ["batch", str(corpus), str(out), "--model", str(tiny_checkpoint), "--resume", *LOGICAL_GPU_FLAGS]
+    assert main(argv) == 0
     assert capsys.readouterr().out == f"nothing to do: {out} is complete with 246 rows\n"
 
 
@@ -323,7 +334,11 @@ def test_overwrite_replaces_results_with_the_kept_columns(
     shutil.copytree(scored[0], out)
     inputs = [str(corpus / "part-00000.parquet"), str(corpus / "part-00002.parquet")]
     args = PipelineArgs(
-        model=ModelConfig(model_id=str(tiny_checkpoint)), input=inputs, output=str(out), keep=["id"], overwrite=True
+        model=ModelConfig(model_id=str(tiny_checkpoint), **LOGICAL_GPU_MODEL),
+        input=inputs,
+        output=str(out),
+        keep=["id"],
+        overwrite=True,
     )
     result = run(args)
     assert (result.rows, result.processed_rows, result.errors) == (160, 160, 0)
@@ -367,6 +382,7 @@ def test_a_one_file_corpus_killed_midway_resumes_from_its_complete_slices(
     staging = tmp_path / ("out" + STAGING_SUFFIX)
     # Small slices and one text per forward pass: a run long enough to kill midway.
     flags = ["--model", str(tiny_checkpoint), "--rows-per-call", str(rows_per_slice), "--forward-max-inputs", "1"]
+    flags += LOGICAL_GPU_FLAGS
     env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
     log = tmp_path / "killed-run.log"
     with log.open("w") as sink:
@@ -395,7 +411,7 @@ def test_a_one_file_corpus_killed_midway_resumes_from_its_complete_slices(
     assert 3 <= done_before < slices
 
     args = PipelineArgs(
-        model=ModelConfig(model_id=str(tiny_checkpoint)),
+        model=ModelConfig(model_id=str(tiny_checkpoint), **LOGICAL_GPU_MODEL),
         input=str(tmp_path / "in"),
         output=str(out),
         resume=True,
@@ -669,3 +685,24 @@ def test_on_a_real_full_disk_the_run_ends_in_one_line_and_resumes_once_space_is_
     table = read_sorted(out)
     assert table.column("id").to_pylist() == list(range(160))
     assert not staging.exists()
+
+
+def test_gpu_actors_where_torch_sees_no_gpu_fail_the_job_at_start_naming_the_cause(
+    ray_session: Any, tmp_path: Path, tiny_checkpoint: Path
+) -> None:
+    from ray.exceptions import ActorDiedError
+
+    if torch.cuda.is_available():
+        pytest.skip("torch sees a GPU here: the reserved GPU is usable")
+    write_corpus(tmp_path / "in", rows=8, files=1, seed=3)
+    # No silent run on one core: the model actors' constructor fails, and with it the job, saying why.
+    args = PipelineArgs(
+        model=ModelConfig(model_id=str(tiny_checkpoint)), input=str(tmp_path / "in"), output=str(tmp_path / "out")
+    )
+    with pytest.raises(ActorDiedError) as caught:
+        run(args)
+    assert "reserved GPU ids [0] from Ray but torch sees no CUDA device: the installed torch is a CPU build" in str(
+        caught.value
+    )
+    assert "--gpu-fallback cpu" in str(caught.value)
+    assert not (tmp_path / "out").exists()

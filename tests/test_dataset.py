@@ -158,7 +158,9 @@ def test_the_scoring_stages_score_any_dataset_with_a_text_column_even_one_of_ano
     strings = pa.table({"id": [1, 2, 3, 4], "review": pa.array(["a good film", None, "  ", "dull " * 30])})
     numbers = pa.table({"id": [5, 6], "review": pa.array([7, None], pa.int64())})
     ds = ray.data.from_arrow([strings, numbers])
-    config = ModelConfig(model_id=str(tiny_checkpoint))
+    # The shared Ray's GPU is logical: a GPU actor runs on the CPU only when told so. fp32, so that on a
+    # GPU host, too, its scores match the CPU reference within 1e-5.
+    config = ModelConfig(model_id=str(tiny_checkpoint), dtype="fp32", gpu_fallback="cpu")
     args = PipelineArgs(model=config, input="in", output="out", num_gpus=num_gpus, min_actors=1, max_actors=1)
     pool = pool_sizes(args, cluster_gpus=num_gpus, nodes=[NodeShape(8)], calls=2)
     graph = scoring_stages(config, "review", pool, rows_per_call=4)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +23,6 @@ import httpx
 import pytest
 import torch
 
-from sentiment.config import ModelConfig
 from sentiment.model import SentimentClassifier
 from sentiment.testing import free_port, wait_until
 from tests.helpers import (
@@ -203,7 +203,9 @@ def test_overload_is_refused_with_503_not_queued_without_bound(
         if response.status_code == 503:
             # Serve's proxy answers (plain text), with the Retry-After of ServeArgs.proxy_retry_after_s.
             assert response.headers["retry-after"] == "1"
-    want = expected(SentimentClassifier(ModelConfig(model_id=classifier.config.model_id, long_text="chunks")), texts)
+    # The replicas reserved no GPU, so they run on the CPU in fp32, as the reference must (not device auto,
+    # which outside Ray is the card of a GPU host).
+    want = expected(SentimentClassifier(classifier.config.model_copy(update={"long_text": "chunks"})), texts)
     for response in responses:
         if response.status_code == 200:
             assert_same_predictions(response.json()["predictions"], want)
@@ -221,9 +223,10 @@ def test_four_quarter_gpu_replicas_share_one_gpu_and_a_fifth_is_not_scheduled(
 
     app = "fractional"
     quarter_gpu = {"num_cpus": 0.1, "num_gpus": 0.25}
-    deploy(
-        {app: (tiny_args(tiny_checkpoint, num_replicas=5, ray_actor_options=quarter_gpu), "/fractional")}, wait=False
-    )
+    # The shared Ray's GPU is logical: its replicas run on the CPU only when told so.
+    model = {"model_id": str(tiny_checkpoint), "gpu_fallback": "cpu"}
+    args = tiny_args(tiny_checkpoint, model=model, num_replicas=5, ray_actor_options=quarter_gpu)
+    deploy({app: (args, "/fractional")}, wait=False)
     try:
         wait_until(lambda: replica_states(app).get("RUNNING") == 4, 180, "four running replicas", interval_s=1)
         time.sleep(3)
@@ -245,7 +248,8 @@ def test_four_quarter_gpu_replicas_share_one_gpu_and_a_fifth_is_not_scheduled(
         assert (info["device"], info["gpu_memory_cap_bytes"]) == ("cpu", None)
         logs = Path(ray_session._private.worker.global_worker.node.get_session_dir_path()) / "logs" / "serve"
         replica_logs = [path.read_text(errors="replace") for path in logs.glob(f"replica_{app}_*.log")]
-        assert sum("on cpu (fp32; Ray reserved GPU ids ['" in text for text in replica_logs) >= 4
+        ready = re.compile(r"on cpu \(torch fp32, \d+ threads; Ray reserved GPU ids \['\w+'\]")
+        assert sum(bool(ready.search(text)) for text in replica_logs) >= 4, replica_logs
     finally:
         serve.delete(app)
 

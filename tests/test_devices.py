@@ -40,8 +40,6 @@ from sentiment.errors import ModelLoadError
         # Under Ray with zero GPUs reserved: the CPU, though CUDA is visible (Ray 2.60 no longer hides it).
         ("auto", True, [], "0,1", "cpu"),
         ("auto", True, [], None, "cpu"),
-        # Logical GPUs: Ray reserved one, torch sees none.
-        ("auto", False, [0], "0", "cpu"),
         # Outside Ray: CUDA if visible.
         ("auto", True, None, None, "cuda:0"),
         ("auto", False, None, None, "cpu"),
@@ -56,7 +54,14 @@ from sentiment.errors import ModelLoadError
 def test_auto_device_is_the_gpu_ray_reserved_and_always_carries_an_index(
     requested: str, cuda_available: bool, reserved: list[int | str] | None, visible: str | None, expected: str
 ) -> None:
-    device = resolve_device(requested, cuda_available=cuda_available, reserved_gpus=reserved, visible_devices=visible)
+    device = resolve_device(
+        requested,
+        cuda_available=cuda_available,
+        reserved_gpus=reserved,
+        visible_devices=visible,
+        gpu_fallback="fail",
+        torch_cuda="12.8",
+    )
     assert device == expected
     if device.startswith("cuda"):
         # What torch.cuda.set_per_process_memory_fraction does with the device: a bare "cuda" raises
@@ -70,16 +75,83 @@ def test_a_bare_cuda_device_is_what_torch_refuses() -> None:
         _get_device_index(torch.device("cuda"))
 
 
-def test_logical_gpus_fall_back_to_the_cpu_and_say_why(caplog: pytest.LogCaptureFixture) -> None:
+@pytest.mark.parametrize(
+    ("torch_cuda", "visible", "says"),
+    [
+        (None, "0", "the installed torch is a CPU build (torch.version.cuda is None; CUDA_VISIBLE_DEVICES is '0')"),
+        (
+            "12.8",
+            "0",
+            "torch is built for CUDA 12.8 but torch.cuda.is_available() is false (CUDA_VISIBLE_DEVICES is '0'): "
+            "the node's NVIDIA driver is missing or older than CUDA 12.8 needs, or its device plugin exposed no GPU",
+        ),
+        ("12.8", "", "CUDA_VISIBLE_DEVICES is empty, which hides every GPU"),
+        ("12.8", None, "CUDA_VISIBLE_DEVICES is unset"),
+    ],
+)
+def test_a_reserved_gpu_that_torch_cannot_use_fails_at_start_naming_the_cause(
+    torch_cuda: str | None, visible: str | None, says: str
+) -> None:
+    # No silent CPU fallback: BERT on one core is about 100x slower while everything reports success.
+    with pytest.raises(ModelLoadError) as caught:
+        resolve_device(
+            "auto",
+            cuda_available=False,
+            reserved_gpus=["0"],
+            visible_devices=visible,
+            gpu_fallback="fail",
+            torch_cuda=torch_cuda,
+        )
+    message = str(caught.value)
+    assert message.startswith("this process reserved GPU ids ['0'] from Ray but torch sees no CUDA device: ")
+    assert says in message
+    assert message.endswith(
+        "set gpu_fallback 'cpu' (--gpu-fallback cpu) to run on the CPU instead (BERT runs about 100x slower there)"
+    )
+
+
+def test_logical_gpus_fall_back_to_the_cpu_only_when_asked_and_say_why(caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.WARNING, logger="sentiment.devices"):
-        assert resolve_device("auto", cuda_available=False, reserved_gpus=[0], visible_devices="0") == "cpu"
-    assert "reserved GPU ids [0] from Ray but torch sees no CUDA device" in caplog.text
+        device = resolve_device(
+            "auto", cuda_available=False, reserved_gpus=[0], visible_devices="0", gpu_fallback="cpu", torch_cuda=None
+        )
+    assert device == "cpu"
+    assert (
+        "reserved GPU ids [0] from Ray but torch sees no CUDA device (the installed torch is a CPU build" in caplog.text
+    )
+    assert "running on the CPU (gpu_fallback cpu)" in caplog.text
+
+
+@pytest.mark.parametrize("gpu_fallback", ["fail", "cpu"])
+def test_the_fallback_never_applies_where_no_gpu_was_reserved_or_one_is_usable(gpu_fallback: str) -> None:
+    def device(cuda_available: bool, reserved: list[int] | None) -> str:
+        return resolve_device(
+            "auto",
+            cuda_available=cuda_available,
+            reserved_gpus=reserved,
+            visible_devices="0",
+            gpu_fallback=gpu_fallback,
+            torch_cuda=None,
+        )
+
+    assert device(False, None) == device(False, []) == device(True, []) == "cpu"
+    assert device(True, [0]) == device(True, None) == "cuda:0"
 
 
 @pytest.mark.parametrize("requested", ["cuda", "cuda:0"])
-def test_forcing_cuda_without_a_gpu_is_a_clear_error(requested: str) -> None:
-    with pytest.raises(ModelLoadError, match=f"device is '{requested}' but this process sees no CUDA GPU"):
-        resolve_device(requested, cuda_available=False, reserved_gpus=None, visible_devices=None)
+@pytest.mark.parametrize("gpu_fallback", ["fail", "cpu"])
+def test_forcing_cuda_without_a_gpu_is_a_clear_error_whatever_the_fallback(requested: str, gpu_fallback: str) -> None:
+    with pytest.raises(
+        ModelLoadError, match=f"device is '{requested}' but this process sees no CUDA GPU: the installed torch is a CPU"
+    ):
+        resolve_device(
+            requested,
+            cuda_available=False,
+            reserved_gpus=None,
+            visible_devices=None,
+            gpu_fallback=gpu_fallback,
+            torch_cuda=None,
+        )
 
 
 def test_a_reserved_gpu_that_is_not_visible_is_a_clear_error() -> None:

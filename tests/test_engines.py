@@ -20,9 +20,11 @@ import pytest
 
 from sentiment.config import ModelConfig
 from sentiment.devices import available_cpus
+from sentiment.encoding import EncodedText
 from sentiment.engines import OnnxRuntimeEngine, TorchEngine, backend_of
 from sentiment.errors import DeviceMemoryError, ModelLoadError
 from sentiment.model import SentimentClassifier, softmax
+from sentiment.packing import TokenWindows
 from sentiment.testing import WORDS
 
 
@@ -170,14 +172,21 @@ class ScriptedEngine:
 
     def __init__(self, fits: int = 10_000) -> None:
         self.fits = fits
-        self.calls: list[tuple[np.ndarray, np.ndarray]] = []
+        self.calls: list[tuple[np.ndarray, np.ndarray | None]] = []
+        self.read_backs: list[int] = []
         self.released = 0
 
-    def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
-        self.calls.append((input_ids, attention_mask))
+    def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray | None) -> np.ndarray:
+        # The classifier reuses its arrays for the next pass: keep copies.
+        self.calls.append((input_ids.copy(), None if attention_mask is None else attention_mask.copy()))
         if len(input_ids) > self.fits:
             raise OutOfScriptedMemory
-        return np.stack([attention_mask.sum(axis=1) / 100, input_ids[:, 1] / 100], axis=1).astype(np.float32)
+        lengths = np.full(len(input_ids), input_ids.shape[1]) if attention_mask is None else attention_mask.sum(axis=1)
+        return np.stack([lengths / 100, input_ids[:, 1] / 100], axis=1).astype(np.float32)
+
+    def to_numpy(self, logits: list[np.ndarray]) -> np.ndarray:
+        self.read_backs.append(len(logits))
+        return np.concatenate(logits)
 
     def release_memory(self) -> None:
         self.released += 1
@@ -197,10 +206,13 @@ def test_the_classifier_pads_batches_and_takes_probabilities_whatever_engine_run
     texts = ["good", "a bad film", "the film was good and the acting was great", "dull"]
     encoded = classifier.encode(texts)
     predictions = classifier.predict(texts)
+    assert any(mask is not None for _, mask in engine.calls)
     for ids, mask in engine.calls:
+        assert ids.shape[0] * ids.shape[1] <= 64
+        if mask is None:
+            continue
         assert ids.dtype == mask.dtype == np.int64
         assert ids.shape == mask.shape
-        assert ids.shape[0] * ids.shape[1] <= 64
         assert (ids[mask == 0] == classifier._pad_id).all()
     for text, prediction in zip(encoded, predictions, strict=True):
         (window,) = text.windows
@@ -220,3 +232,102 @@ def test_an_engines_memory_error_halves_the_batch_down_to_what_fits(tiny_checkpo
 
     nothing_fits = SentimentClassifier(config, engine=ScriptedEngine(fits=0))
     assert all(isinstance(result, DeviceMemoryError) for result in nothing_fits.predict_encoded(split.encode(["x"])))
+
+
+def test_a_batch_without_padding_goes_without_a_mask_and_a_call_reads_its_logits_back_once(
+    tiny_checkpoint: Path,
+) -> None:
+    engine = ScriptedEngine()
+    config = ModelConfig(model_id=str(tiny_checkpoint), forward_max_tokens=64, forward_max_inputs=2)
+    classifier = SentimentClassifier(config, engine=engine)
+    # Two of 6 tokens, then one of 5 beside one of 3: one pass without padding, one with.
+    windows = [[101, 7, 8, 9, 10, 102], [101, 5, 5, 5, 5, 102], [101, 4, 4, 102], [101, 3, 3, 3, 102]]
+    probabilities = classifier.forward(windows)
+    assert [(ids.tolist(), None if mask is None else mask.tolist()) for ids, mask in engine.calls] == [
+        ([[101, 7, 8, 9, 10, 102], [101, 5, 5, 5, 5, 102]], None),
+        ([[101, 3, 3, 3, 102], [101, 4, 4, 102, classifier._pad_id]], [[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]]),
+    ]
+    # Every pass of the call, read back together.
+    assert engine.read_backs == [2]
+    want = softmax(np.array([[len(w) / 100, w[1] / 100] for w in windows]))
+    np.testing.assert_allclose(probabilities, want, atol=1e-6)
+
+
+def test_texts_average_their_windows_and_a_text_that_does_not_fit_fails_alone(tiny_checkpoint: Path) -> None:
+    config = ModelConfig(model_id=str(tiny_checkpoint), forward_max_tokens=4096, forward_max_inputs=8)
+    classifier = SentimentClassifier(config, engine=ScriptedEngine())
+    windows = [[101, 2, 102], [101, 4, 4, 102], [101, 9, 102], [101, 6, 6, 6, 6, 102], [101, 1, 102]]
+    rows = softmax(np.array([[len(w) / 100, w[1] / 100] for w in windows]))
+    scores = classifier.score_windows(TokenWindows.from_lists(windows), np.array([2, 1, 2]))
+    np.testing.assert_allclose(scores.probabilities, [rows[:2].mean(0), rows[2], rows[3:].mean(0)], atol=1e-7)
+    assert scores.failed.tolist() == [False, False, False]
+    assert scores.longest.tolist() == [4, 3, 6]
+
+    # Passes of more than one window run out of memory, as does any window over 5 tokens: only text 2 fails.
+    class Small(ScriptedEngine):
+        def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray | None) -> np.ndarray:
+            if input_ids.shape[1] > 5:
+                raise OutOfScriptedMemory
+            return super().forward(input_ids, attention_mask)
+
+    small = SentimentClassifier(config, engine=Small(fits=1))
+    scores = small.score_windows(TokenWindows.from_lists(windows), np.array([2, 1, 2]))
+    assert scores.failed.tolist() == [False, False, True]
+    np.testing.assert_allclose(scores.probabilities[:2], [rows[:2].mean(0), rows[2]], atol=1e-7)
+    assert scores.probabilities[2].tolist() == [0.0, 0.0]
+    (_, _, failed) = small.predict_encoded(
+        [EncodedText(windows[:2], 7, False), EncodedText(windows[2:3], 3, False), EncodedText(windows[3:], 9, True)]
+    )
+    assert isinstance(failed, DeviceMemoryError)
+    assert str(failed).startswith("an input of 6 tokens does not fit in cpu memory even alone")
+
+
+# -- the torch engine --------------------------------------------------------------------------------
+
+
+def test_a_process_that_reserved_a_gpu_torch_cannot_use_fails_at_start_unless_told_to_run_on_the_cpu(
+    tiny_checkpoint: Path,
+) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("torch sees a GPU here: the reserved GPU is usable")
+    config = ModelConfig(model_id=str(tiny_checkpoint))
+    with pytest.raises(ModelLoadError, match=r"reserved GPU ids \['0'\] from Ray but torch sees no CUDA device: "):
+        SentimentClassifier(config, reserved_gpus=["0"])
+    fallback = SentimentClassifier(config.model_copy(update={"gpu_fallback": "cpu"}), reserved_gpus=["0"])
+    assert (fallback.device, fallback.dtype) == ("cpu", "fp32")
+
+
+def test_the_prepared_attention_mask_gives_what_transformers_own_mask_gives(classifier: SentimentClassifier) -> None:
+    import torch
+
+    engine = classifier.engine
+    assert isinstance(engine, TorchEngine)
+    ids = np.array([[101, 7, 8, 9, 102], [101, 4, 102, 0, 0]], dtype=np.int64)
+    mask = (ids != 0).astype(np.int64)
+    got = engine.to_numpy([engine.forward(ids, mask)])
+    with torch.inference_mode():
+        want = engine.model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).logits.numpy()
+    np.testing.assert_allclose(got, want, atol=1e-6)
+    # And no mask at all where nothing is padded.
+    got = engine.to_numpy([engine.forward(ids[:1].copy(), None)])
+    with torch.inference_mode():
+        want = engine.model(input_ids=torch.from_numpy(ids[:1])).logits.numpy()
+    np.testing.assert_allclose(got, want, atol=1e-6)
+
+
+# Inductor's CPU path imports torch.utils.mkldnn, which uses the deprecated torch.jit.script_method.
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+@pytest.mark.timeout(900)
+def test_torch_compile_runs_and_matches_eager(tiny_checkpoint: Path, classifier: SentimentClassifier) -> None:
+    compiled = SentimentClassifier(ModelConfig(model_id=str(tiny_checkpoint), device="cpu", compile=True))
+    assert compiled.describe()["compile"] is True
+    try:
+        got = compiled.predict(TEXTS[:12])
+    except Exception as exc:  # no C++ compiler, an unsupported platform: what compile needs is missing here
+        if "torch._dynamo" in type(exc).__module__ or "torch._inductor" in type(exc).__module__:
+            pytest.skip(f"torch.compile cannot run here: {type(exc).__name__}: {str(exc)[:200]}")
+        raise
+    want = classifier.predict(TEXTS[:12])
+    assert np.abs(scores(got) - scores(want)).max() <= 1e-4

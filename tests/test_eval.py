@@ -164,7 +164,9 @@ def test_unscored_input_is_scored_first(
 ) -> None:
     paths = write_corpus(tmp_path / "corpus", rows=60, files=2, seed=11)
     table = pa.concat_tables([pq.read_table(path) for path in paths])
-    pipeline = PipelineArgs(model=ModelConfig(model_id=str(tiny_checkpoint)), input="unused", output="unused")
+    # num_gpus auto on the shared Ray's logical GPU: GPU actors, which run on the CPU only when told so.
+    model = ModelConfig(model_id=str(tiny_checkpoint), dtype="fp32", gpu_fallback="cpu")
+    pipeline = PipelineArgs(model=model, input="unused", output="unused")
     report = evaluate(str(tmp_path / "corpus"), pipeline=pipeline).to_dict()
     predicted = [p.label for p in classifier.predict(table.column("text").to_pylist())]
     expected = plain_report(table.column("label").to_pylist(), predicted)

@@ -79,9 +79,14 @@ def replica_nodes(app: str) -> list[str]:
     return [a.node_id for a in actors if a.class_name.startswith("ServeReplica:") and f":{app}:" in a.class_name]
 
 
+# The workers' GPUs are logical (torch sees none here): replicas and actors may run on the CPU only when told so;
+# fp32, so that on a GPU host, too, they label as the CPU reference does.
+ON_LOGICAL_GPUS: dict[str, Any] = {"gpu_fallback": "cpu", "dtype": "fp32"}
+
+
 def serve_args(checkpoint: Path, **overrides: Any) -> dict[str, Any]:
     return {
-        "model": {"model_id": str(checkpoint)},
+        "model": {"model_id": str(checkpoint), **ON_LOGICAL_GPUS},
         "ray_actor_options": {"num_cpus": 0.5, "num_gpus": 0.25},
         **overrides,
     }
@@ -120,7 +125,7 @@ def test_batch_actors_run_on_both_workers_and_the_output_is_complete(
     write_corpus(tmp_path / "in", rows=400, files=4, seed=11)
     before = batch_actor_nodes()
     args = PipelineArgs(
-        model=ModelConfig(model_id=str(tiny_checkpoint)),
+        model=ModelConfig(model_id=str(tiny_checkpoint), **ON_LOGICAL_GPUS),
         input=str(tmp_path / "in"),
         output=str(tmp_path / "out"),
         # One whole GPU per actor: one actor per worker node.
@@ -143,7 +148,7 @@ def test_losing_a_worker_node_mid_job_still_writes_every_row_once(
     write_corpus(tmp_path / "in", rows=files * rows_per_file, files=files, seed=12)
     out = tmp_path / "out"
     args = PipelineArgs(
-        model=ModelConfig(model_id=str(tiny_checkpoint), forward_max_inputs=1),
+        model=ModelConfig(model_id=str(tiny_checkpoint), forward_max_inputs=1, **ON_LOGICAL_GPUS),
         input=str(tmp_path / "in"),
         output=str(out),
         min_actors=1,
