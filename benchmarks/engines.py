@@ -217,7 +217,7 @@ def _settings(quantization: dict[str, Any]) -> str:
 
 def speed(out: Path, reviews: int, rounds: int) -> dict[str, Any]:
     from sentiment.config import ModelConfig
-    from sentiment.export import content_sha256, export_checkpoint
+    from sentiment.export import QUANTIZATION, content_sha256, export_checkpoint
     from sentiment.exported import read_manifest
     from sentiment.loading import checkpoint_files
     from sentiment.model import SentimentClassifier
@@ -227,7 +227,10 @@ def speed(out: Path, reviews: int, rounds: int) -> dict[str, Any]:
     dirs = {}
     for dtype in ("fp32", "int8"):
         target = out / f"checkpoint-base-onnx-{dtype}"
-        if not (target / "manifest.json").is_file() or read_manifest(target).source_sha256 != sha:
+        # Reused only if made from this checkpoint with today's quantizer settings.
+        quantization = None if dtype == "fp32" else {"method": "quantize_dynamic", **QUANTIZATION}
+        manifest = read_manifest(target) if (target / "manifest.json").is_file() else None
+        if manifest is None or (manifest.source_sha256, manifest.quantization) != (sha, quantization):
             print(f"Exporting BERT-base to ONNX ({dtype})...", flush=True)
             started = time.perf_counter()
             export_checkpoint(ModelConfig(model_id=str(checkpoint)), target, dtype, overwrite=True)
