@@ -33,6 +33,7 @@ import os
 import statistics
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Sequence
@@ -46,7 +47,12 @@ from sentiment.testing import make_reviews, popen_interruptible, write_corpus
 
 REPO = Path(__file__).resolve().parents[1]
 # The small BERT the fidelity mode trains: big enough to learn the task in a few CPU minutes.
-TRAINED_SIZE = {"hidden_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4, "intermediate_size": 512}
+TRAINED_SIZE: dict[str, Any] = {
+    "hidden_size": 128,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "intermediate_size": 512,
+}
 # The quantizer's other settings, for --int8-variants: one scale per tensor or per output channel, and
 # weights in 7 bits (reduce_range: ORT's advice for AVX2 and AVX-512 without VNNI, whose u8 x s8 products
 # saturate in 16 bits) or 8.
@@ -101,7 +107,6 @@ def train_small_bert(path: Path, train: int, epochs: int, seed: int = 0) -> dict
     torch.manual_seed(seed)
     config = BertConfig(
         vocab_size=len(vocab()),
-        num_labels=2,
         id2label={0: "neg", 1: "pos"},
         label2id={"neg": 0, "pos": 1},
         **TRAINED_SIZE,
@@ -212,7 +217,7 @@ def _settings(quantization: dict[str, Any]) -> str:
 
 def speed(out: Path, reviews: int, rounds: int) -> dict[str, Any]:
     from sentiment.config import ModelConfig
-    from sentiment.export import content_sha256, export_checkpoint
+    from sentiment.export import QUANTIZATION, content_sha256, export_checkpoint
     from sentiment.exported import read_manifest
     from sentiment.loading import checkpoint_files
     from sentiment.model import SentimentClassifier
@@ -222,7 +227,10 @@ def speed(out: Path, reviews: int, rounds: int) -> dict[str, Any]:
     dirs = {}
     for dtype in ("fp32", "int8"):
         target = out / f"checkpoint-base-onnx-{dtype}"
-        if not (target / "manifest.json").is_file() or read_manifest(target).source_sha256 != sha:
+        # Reused only if made from this checkpoint with today's quantizer settings.
+        quantization = None if dtype == "fp32" else {"method": "quantize_dynamic", **QUANTIZATION}
+        manifest = read_manifest(target) if (target / "manifest.json").is_file() else None
+        if manifest is None or (manifest.source_sha256, manifest.quantization) != (sha, quantization):
             print(f"Exporting BERT-base to ONNX ({dtype})...", flush=True)
             started = time.perf_counter()
             export_checkpoint(ModelConfig(model_id=str(checkpoint)), target, dtype, overwrite=True)
@@ -279,11 +287,39 @@ def environment(out: Path) -> dict[str, str]:
     return env
 
 
-def timed(argv: list[str], out: Path, log: Path) -> float:
+class LoadSampler:
+    """The 1-minute load average every few seconds while a run lasts: on a shared machine, other work shows."""
+
+    def __init__(self, interval_s: float = 5.0) -> None:
+        self.interval_s = interval_s
+        self.samples: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.samples.append(os.getloadavg()[0])
+
+    def __enter__(self) -> LoadSampler:
+        self.samples.append(os.getloadavg()[0])
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    @property
+    def mean(self) -> float:
+        return statistics.mean(self.samples)
+
+
+def timed(argv: list[str], out: Path, log: Path) -> tuple[float, float]:
+    """Seconds a command took as a whole process, and the mean load average meanwhile."""
     started = time.perf_counter()
-    with log.open("w") as sink:
+    with log.open("w") as sink, LoadSampler() as load:
         subprocess.run(argv, cwd=REPO, env=environment(out), stdout=sink, stderr=subprocess.STDOUT, check=True)
-    return time.perf_counter() - started
+    return time.perf_counter() - started, load.mean
 
 
 def warm_cache(out: Path, checkpoint: Path) -> float:
@@ -318,28 +354,32 @@ def batch(out: Path, rows: int, repeats: int) -> dict[str, Any]:
             "--model", str(checkpoint), "--dtype", dtype, "--overwrite",
         ]  # fmt: skip
     seconds: dict[str, list[float]] = {name: [] for name in commands}
+    loads: dict[str, list[float]] = {name: [] for name in commands}
     names = list(commands)
     for repeat in range(repeats):
         order = names[repeat % len(names) :] + names[: repeat % len(names)]
         for name in order:
             log = out / f"batch-{names.index(name)}-{repeat}.log"
-            seconds[name].append(timed(commands[name], out, log))
-            print(f"  {name}: {seconds[name][-1]:.1f} s", flush=True)
+            took, load = timed(commands[name], out, log)
+            seconds[name].append(took)
+            loads[name].append(load)
+            print(f"  {name}: {took:.1f} s, mean load {load:.1f}", flush=True)
             time.sleep(3)  # a job's local Ray winds down
     baseline = names[0]
     reports = {dtype: json.loads((out / f"scored-{dtype}" / "_report.json").read_text()) for dtype in ("fp32", "int8")}
     print(f"\n{rows} reviews with IMDB lengths, BERT-base (random weights); {machine()}")
     print(f"int8 export into the cache beforehand (once per machine, not timed): {export_seconds:.0f} s")
-    print("| run (whole process) | seconds (each) | rows/s | vs transformers.pipeline |")
-    print("|---|---|---:|---:|")
+    print("| run (whole process) | seconds (each) | mean load (each) | rows/s | vs transformers.pipeline |")
+    print("|---|---|---|---:|---:|")
     for name in names:
         mean = statistics.mean(seconds[name])
         ratio = statistics.mean(seconds[baseline]) / mean
         each = ", ".join(f"{s:.1f}" for s in seconds[name])
-        print(f"| {name} | {each} | {rows / mean:.2f} | {ratio:.2f}x |")
+        each_load = ", ".join(f"{load:.1f}" for load in loads[name])
+        print(f"| {name} | {each} | {each_load} | {rows / mean:.2f} | {ratio:.2f}x |")
     actors = {dtype: [(a["backend"], a["dtype"], a["threads"]) for a in r["actors"]] for dtype, r in reports.items()}
     print(f"actors (backend, dtype, threads): {actors}")
-    return {"rows": rows, "seconds": seconds, "export_seconds": export_seconds, "actors": actors}
+    return {"rows": rows, "seconds": seconds, "loads": loads, "export_seconds": export_seconds, "actors": actors}
 
 
 def serve(out: Path, clients: int, duration: float, repeats: int) -> dict[str, Any]:
@@ -360,7 +400,10 @@ def serve(out: Path, clients: int, duration: float, repeats: int) -> dict[str, A
             try:
                 info = _wait_ready(f"http://127.0.0.1:{port}", server, timeout_s=600)
                 url = f"http://127.0.0.1:{port}/v1/classify"
-                load = asyncio.run(closed_loop(url, payloads, clients, duration, max_requests=100_000, warmup=clients))
+                with LoadSampler() as machine_load:
+                    load = asyncio.run(
+                        closed_loop(url, payloads, clients, duration, max_requests=100_000, warmup=clients)
+                    )
             finally:
                 server.send_signal(2)
                 try:
@@ -377,20 +420,22 @@ def serve(out: Path, clients: int, duration: float, repeats: int) -> dict[str, A
                     "errors": load.errors,
                     "threads": info["threads"],
                     "backend": info["backend"],
+                    "load": machine_load.mean,
                 }
             )
             print(f"  {dtype}: {results[dtype][-1]}", flush=True)
             time.sleep(3)
     print(f"\nsentiment serve, 1 replica, {clients} closed-loop clients, 1 review per request, {duration:.0f} s each; "
           f"{machine()}")  # fmt: skip
-    print("| replica | backend | threads | texts/s (each run) | p50 ms | p95 ms | vs fp32 |")
-    print("|---|---|---:|---|---:|---:|---:|")
+    print("| replica | backend | threads | texts/s (each run) | mean load (each) | p50 ms | p95 ms | vs fp32 |")
+    print("|---|---|---:|---|---|---:|---:|---:|")
     fp32 = statistics.mean(run["texts_per_s"] for run in results["fp32"])
     for dtype, runs in results.items():
         mean = statistics.mean(run["texts_per_s"] for run in runs)
         each = ", ".join(f"{run['texts_per_s']:.2f}" for run in runs)
+        each_load = ", ".join(f"{run['load']:.1f}" for run in runs)
         print(
-            f"| --dtype {dtype} | {runs[0]['backend']} | {runs[0]['threads']} | {each} | "
+            f"| --dtype {dtype} | {runs[0]['backend']} | {runs[0]['threads']} | {each} | {each_load} | "
             f"{statistics.median(run['p50_ms'] for run in runs):.0f} | "
             f"{statistics.median(run['p95_ms'] for run in runs):.0f} | {mean / fp32:.2f}x |"
         )
