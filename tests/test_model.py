@@ -390,3 +390,23 @@ def test_on_the_card_a_pass_over_the_memory_cap_is_split_and_gives_the_uncapped_
     got = probabilities_of(capped.predict(texts))
     assert capped.oom_splits > 0
     assert np.abs(got - want).max() <= 1e-4
+
+
+def test_plan_batches_gives_what_the_sorted_loop_it_replaced_gave() -> None:
+    def loop(lengths: list[int], budget: int, inputs: int) -> list[list[int]]:
+        order = sorted(range(len(lengths)), key=lambda i: lengths[i], reverse=True)
+        batches: list[list[int]] = []
+        current: list[int] = []
+        for index in order:
+            longest = lengths[current[0]] if current else lengths[index]
+            if current and ((len(current) + 1) * longest > budget or len(current) >= inputs):
+                batches.append(current)
+                current = []
+            current.append(index)
+        return [*batches, current] if current else batches
+
+    rng = random.Random(8)
+    for _ in range(50):
+        lengths = [rng.choice([rng.randint(2, 40), rng.randint(2, 512), 512]) for _ in range(rng.randint(0, 300))]
+        budget, inputs = rng.choice([1, 512, 1024, 16384]), rng.choice([1, 8, 64, 256])
+        assert plan_batches(lengths, budget, inputs) == loop(lengths, budget, inputs)
