@@ -63,10 +63,8 @@ class SentimentServer:
         # build_app resolved "auto" before the replica started; "auto" here only outside Serve (tests).
         self.num_gpus = float(args.ray_actor_options.num_gpus) if args.ray_actor_options.num_gpus != "auto" else 0.0
         if classifier is None:
-            import ray
-
             # Threads: the CPUs this replica reserved (Ray's OMP_NUM_THREADS), at most the cores.
-            classifier = SentimentClassifier(args.model.for_gpu_share(self.num_gpus), reserved_gpus=ray.get_gpu_ids())
+            classifier = SentimentClassifier(args.model.for_gpu_share(self.num_gpus), reserved_gpus=_reserved_gpus())
         self.classifier = classifier
         self.replica_id = _replica_id()
         self.classifier.warmup()
@@ -217,6 +215,16 @@ def _log_ready(server: SentimentServer) -> None:
         server.args.effective_gather_max_tokens,
         ", API key required" if server.api_key else "",
     )
+
+
+def _reserved_gpus() -> list[str] | None:
+    """The GPU ids Ray reserved for this replica; None outside a Ray actor (a replica built in-process), where
+    ``ray.get_gpu_ids()`` would start a local Ray, and ``device: auto`` then means CUDA if torch sees it."""
+    import ray
+
+    if not ray.is_initialized() or ray.get_runtime_context().get_actor_id() is None:
+        return None
+    return [str(gpu) for gpu in ray.get_gpu_ids()]
 
 
 def _replica_id() -> str | None:

@@ -98,6 +98,26 @@ def ray_session(onnx_cache: Path) -> Iterator[Any]:
     ray.shutdown()
 
 
+@pytest.fixture
+def uncapped_cuda() -> Iterator[None]:
+    """For GPU tests that cap this process's CUDA memory (a cap holds for the whole process): lifted afterwards."""
+    yield
+    import torch
+
+    torch.cuda.empty_cache()
+    for index in range(torch.cuda.device_count()):
+        torch.cuda.set_per_process_memory_fraction(1.0, index)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Run the several-node tests last: they shut the shared single-node Ray down for good."""
+    """Skip the ``gpu`` tests where torch sees no CUDA device (logical GPUs do not count); run the
+    several-node tests last: they shut the shared single-node Ray down for good."""
+    gpu_tests = [item for item in items if item.get_closest_marker("gpu") is not None]
+    if gpu_tests:
+        import torch
+
+        if not torch.cuda.is_available():
+            skip = pytest.mark.skip(reason="needs a CUDA GPU; torch sees none here")
+            for item in gpu_tests:
+                item.add_marker(skip)
     items.sort(key=lambda item: item.get_closest_marker("multinode") is not None)

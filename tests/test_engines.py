@@ -331,3 +331,34 @@ def test_torch_compile_runs_and_matches_eager(tiny_checkpoint: Path, classifier:
         raise
     want = classifier.predict(TEXTS[:12])
     assert np.abs(scores(got) - scores(want)).max() <= 1e-4
+
+
+# -- on a real card (skipped where torch sees no CUDA device) ----------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.usefixtures("uncapped_cuda")
+def test_a_memory_fraction_caps_this_process_to_that_share_of_the_card(tiny_checkpoint: Path) -> None:
+    import torch
+
+    engine = TorchEngine(ModelConfig(model_id=str(tiny_checkpoint), device="cuda", gpu_memory_fraction=0.25))
+    total = torch.cuda.get_device_properties(engine.torch_device).total_memory
+    assert engine.device == "cuda:0"
+    assert engine.gpu_memory_cap_bytes == int(0.25 * total)
+    assert torch.cuda.get_per_process_memory_fraction(engine.torch_device) == pytest.approx(0.25)
+
+
+@pytest.mark.gpu
+def test_on_the_card_logits_stay_on_the_device_until_the_one_read_back(tiny_checkpoint: Path) -> None:
+    engine = TorchEngine(ModelConfig(model_id=str(tiny_checkpoint), device="cuda", dtype="fp32"))
+    ids = np.array([[101, 7, 8, 102], [101, 4, 102, 0]], dtype=np.int64)
+    mask = (ids != 0).astype(np.int64)
+    first = engine.forward(ids, mask)
+    ids[:] = 0  # the classifier refills its array at once: the engine must have taken a copy
+    second = engine.forward(ids[:1, :3].copy(), None)
+    assert (first.device.type, second.device.type) == ("cuda", "cuda")
+    logits = engine.to_numpy([first, second])
+    assert logits.shape == (3, 2)
+    cpu = TorchEngine(ModelConfig(model_id=str(tiny_checkpoint), device="cpu"))
+    want = cpu.to_numpy([cpu.forward(np.array([[101, 7, 8, 102], [101, 4, 102, 0]]), mask)])
+    np.testing.assert_allclose(logits[:2], want, atol=1e-4)

@@ -219,3 +219,24 @@ def test_the_cores_invalid_input_error_leaves_the_replica_as_it_is_and_is_no_str
         assert str(result) == "texts[0]: the core refuses this (injected)"
         assert error_status(result) == (422, ErrorType.VALIDATION)
     assert server.healthy
+
+
+# -- on a real card (skipped where torch sees no CUDA device) ----------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.usefixtures("uncapped_cuda")
+def test_a_quarter_gpu_replica_runs_on_the_card_capped_to_its_quarter(tiny_checkpoint: Path) -> None:
+    # Built in-process as Serve would build it, from its args alone: outside a Ray actor, device auto is the card.
+    args = ServeArgs(
+        model=ModelConfig(model_id=str(tiny_checkpoint)), ray_actor_options={"num_cpus": 1, "num_gpus": 0.25}
+    )
+    server = SentimentServer(args)
+    info = server.info()
+    total = torch.cuda.get_device_properties(0).total_memory
+    assert (info["device"], info["replica_gpus"], info["gpu_memory_fraction"]) == ("cuda:0", 0.25, 0.25)
+    assert info["gpu_memory_cap_bytes"] == int(0.25 * total)
+    assert torch.cuda.get_per_process_memory_fraction(0) == pytest.approx(0.25)
+    predictions, _ = asyncio.run(server.classify(["a wonderful film", "dull " * 600]))
+    assert [p.truncated for p in predictions] == [False, True]
+    assert 0 < server.info()["gpu_memory_peak_bytes"] <= info["gpu_memory_cap_bytes"]

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from pipelines.columns import STAGE_COLUMNS, WINDOWS
-from pipelines.stage import ActorLog, ModelStage, TokenizeStage
+from pipelines.stage import ActorLog, ModelStage, TokenizeStage, packed_windows
 from sentiment.config import ModelConfig
 from sentiment.errors import InvalidInputError
 from sentiment.model import SentimentClassifier
@@ -122,3 +122,28 @@ def test_a_cpu_model_actor_tokenizes_its_own_slice_as_the_tokenize_stage_would(
     finally:
         torch.set_num_threads(before)
     assert fused.equals(score(stages, table))
+
+
+def test_windows_are_read_from_the_arrow_buffers_whatever_the_chunks_slices_and_nulls() -> None:
+    windows_type = pa.list_(pa.list_(pa.int32()))
+    rows = [[[101, 1, 102], [101, 2, 2, 102]], None, [[101, 3, 102]], [[101, 4, 102], [101, 5, 102], [101, 6, 102]]]
+    chunked = pa.chunked_array([pa.array(rows[:2], windows_type), pa.array(rows[2:], windows_type)])
+    packed, counts = packed_windows(chunked)
+    assert counts.tolist() == [2, 0, 1, 3]
+    assert packed.tolist() == [window for row in rows if row for window in row]
+    # A slice of a bigger column (as a block cut from a read): its own rows only.
+    sliced = pa.array(rows * 2, windows_type).slice(3, 3)
+    packed, counts = packed_windows(sliced)
+    assert counts.tolist() == [3, 2, 0]
+    assert packed.tolist() == [*rows[3], *rows[0]]
+    assert packed.values.dtype == np.int32  # straight from the buffer
+
+
+def test_the_model_stage_on_a_batch_of_errors_only_and_on_an_empty_one(
+    stages: tuple[TokenizeStage, ModelStage],
+) -> None:
+    errors_only = score(stages, pa.table({"id": [1, 2], "text": pa.array([None, " "], pa.string())}))
+    assert errors_only.column("error").to_pylist() == ["text is null", "text is empty"]
+    assert errors_only.column("label").to_pylist() == [None, None]
+    empty = score(stages, pa.table({"id": pa.array([], pa.int64()), "text": pa.array([], pa.string())}))
+    assert (empty.num_rows, empty.column_names) == (0, ["id", "text", *OUTPUT])
