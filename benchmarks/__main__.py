@@ -18,6 +18,7 @@ MODES = {
     "online": ("benchmarks.serve_bench", "the endpoint against a per-request transformers.pipeline deployment"),
     "overload": ("benchmarks.overload_bench", "4x the saturating concurrency, with and without shedding"),
     "gpu-check": ("benchmarks.gpu_check", "the GPU verification script (precision, MFU, replicas, batch, OOM)"),
+    "host-overhead": ("benchmarks.host_overhead", "the batch actor's host work per call, no model: old path vs new"),
     "corpus": ("benchmarks.corpus", "write the synthetic IMDB-length corpus as Parquet"),
 }
 
