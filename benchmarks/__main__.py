@@ -19,6 +19,7 @@ MODES = {
     "overload": ("benchmarks.overload_bench", "4x the saturating concurrency, with and without shedding"),
     "gpu-check": ("benchmarks.gpu_check", "the GPU verification script (precision, MFU, replicas, batch, OOM)"),
     "engines": ("benchmarks.engines", "ONNX Runtime fp32/int8 against torch: fidelity on a trained BERT, speed, jobs"),
+    "host-overhead": ("benchmarks.host_overhead", "the batch actor's host work per call, no model: old path vs new"),
     "corpus": ("benchmarks.corpus", "write the synthetic IMDB-length corpus as Parquet"),
 }
 

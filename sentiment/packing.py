@@ -80,7 +80,8 @@ class WindowBatch(Sequence[np.ndarray]):
 
     @property
     def lengths(self) -> np.ndarray:
-        return self.windows.lengths[self.indices]
+        offsets = self.windows.offsets
+        return offsets[self.indices + 1] - offsets[self.indices]
 
 
 class Padder:
