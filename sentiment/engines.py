@@ -129,7 +129,8 @@ _TORCH_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
 class TorchEngine:
-    """Eager PyTorch (or ``torch.compile``'d): the checkpoint on the device and precision `sentiment.devices` resolves."""
+    """Eager PyTorch (or ``torch.compile``'d): the checkpoint on the device and precision that
+    `sentiment.devices` resolves."""
 
     backend = "torch"
 
@@ -178,9 +179,7 @@ class TorchEngine:
         import torch
 
         with torch.inference_mode():
-            logits = self._run(
-                input_ids=self._to_device(input_ids), attention_mask=self._mask(attention_mask)
-            ).logits
+            logits = self._run(input_ids=self._to_device(input_ids), attention_mask=self._mask(attention_mask)).logits
             # Still on the device, the pass perhaps still running: `to_numpy` waits once per call.
             return logits.float()
 

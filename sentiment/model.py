@@ -62,7 +62,9 @@ class TextScores:
     """int64 per text: tokens of its longest window (what a failure message names)."""
 
 
-def plan_batches(lengths: Sequence[int], forward_max_tokens: int, forward_max_inputs: int) -> list[list[int]]:
+def plan_batches(
+    lengths: Sequence[int] | np.ndarray, forward_max_tokens: int, forward_max_inputs: int
+) -> list[list[int]]:
     """Group input indices into batches, longest first, each under the token budget.
 
     A batch costs ``len(batch) * longest member`` (it is padded to its longest member). Sorting by
@@ -266,7 +268,7 @@ class SentimentClassifier:
             "max_length, give this process a larger GPU share (num_gpus) or memory cap, or run on a larger card"
         )
 
-    def _forward_batch(self, batch: Sequence[Sequence[int]]) -> Any:
+    def _forward_batch(self, batch: WindowBatch | Sequence[Sequence[int]]) -> Any:
         """One forward pass over ``batch``, padded to its longest member: the seam tests inject faults at.
 
         Returns the engine's logits, left where it computed them; `forward_each` reads a call's back

@@ -26,7 +26,7 @@ class TokenWindows:
     """int64, one more than there are windows; need not start at 0 (a slice of a bigger buffer)."""
 
     @classmethod
-    def from_lists(cls, windows: Sequence[Sequence[int]]) -> TokenWindows:
+    def from_lists(cls, windows: Sequence[Sequence[int]] | TokenWindows) -> TokenWindows:
         """Pack lists of ids (or arrays): the API's way in, where texts arrive as `EncodedText`."""
         if isinstance(windows, TokenWindows):
             return windows
@@ -35,9 +35,7 @@ class TokenWindows:
         np.cumsum(lengths, out=offsets[1:])
         if not len(windows):
             return cls(np.zeros(0, dtype=np.int64), offsets)
-        values = np.fromiter(
-            (token for window in windows for token in window), dtype=np.int64, count=int(offsets[-1])
-        )
+        values = np.fromiter((token for window in windows for token in window), dtype=np.int64, count=int(offsets[-1]))
         return cls(values, offsets)
 
     @property
