@@ -20,6 +20,7 @@ from pipelines.plan import actor_bytes
 from pipelines.pool import cluster_pool
 from pipelines.texts import as_text
 from sentiment.config import ModelConfig, parse_section
+from sentiment.engines import prepare_onnx
 from sentiment.errors import InvalidInputError
 
 if TYPE_CHECKING:
@@ -58,6 +59,8 @@ def score(
             raise InvalidInputError(
                 f"text column {text_column!r} not found; the dataset's columns are {list(schema.names)}"
             )
+    # ONNX Runtime on a torch checkpoint: exported once into the local cache here, not by every actor.
+    prepare_onnx(args.model)
     if not ray.is_initialized():
         ray.init()
     sizes = cluster_pool(args, calls=None, actor_bytes=actor_bytes(args.model))
