@@ -123,7 +123,8 @@ def timed() -> Iterator[Timer]:
 
 
 class Sampler:
-    """Calls ``sample`` every ``interval_s`` on a thread inside the ``with`` block, keeping its values.
+    """Calls ``sample`` every ``interval_s`` on a thread inside the ``with`` block, keeping its values
+    and when each was taken (``time.time()``, so they compare with times other processes log).
 
     A sample that raises ends the sampling (a tool that is missing stays missing).
     """
@@ -131,15 +132,18 @@ class Sampler:
     def __init__(self, sample: Callable[[], float], interval_s: float, enabled: bool = True) -> None:
         self.sample, self.interval_s, self.enabled = sample, interval_s, enabled
         self.samples: list[float] = []
+        self.times: list[float] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
             try:
-                self.samples.append(self.sample())
+                value = self.sample()
             except Exception:
                 return
+            self.times.append(time.time())
+            self.samples.append(value)
 
     def __enter__(self) -> Sampler:
         if self.enabled:
@@ -151,8 +155,13 @@ class Sampler:
         if self.enabled:
             self._thread.join(timeout=10)
 
-    def summary(self) -> dict[str, float]:
-        samples = self.samples
+    def summary(self, since: float | None = None, until: float | None = None) -> dict[str, float]:
+        """Count, mean and max of the samples, or of those taken between ``since`` and ``until`` (epoch seconds)."""
+        samples = [
+            value
+            for taken, value in zip(self.times, self.samples, strict=True)
+            if (since is None or taken >= since) and (until is None or taken <= until)
+        ]
         return {
             "samples": len(samples),
             "mean": sum(samples) / len(samples) if samples else float("nan"),

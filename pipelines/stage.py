@@ -138,6 +138,7 @@ class ModelStage:
         actor's own rate is ``rows / model_seconds``, whatever kept it waiting between calls."""
         self.first_call_at: float | None = None
         self.last_call_at: float | None = None
+        self.first_call: tuple[int, float] | None = None
         if actor_log is not None:
             entry = {
                 **self.classifier.describe(),
@@ -154,6 +155,9 @@ class ModelStage:
         scored = score_batch(self.classifier, batch, self.tokenize)
         self.rows += batch.num_rows
         self.model_seconds += time.perf_counter() - started
+        if self.first_call is None:
+            # The first call also pays for CUDA's kernel set-up (and torch.compile's compile): kept apart.
+            self.first_call = (self.rows, self.model_seconds)
         self.last_call_at = time.time()
         self._report()
         return scored
@@ -169,6 +173,8 @@ class ModelStage:
             "tokens_padded": self.classifier.tokens_padded,
             "seconds": time.perf_counter() - self.started,
             "model_seconds": self.model_seconds,
+            "first_call_rows": self.first_call[0] if self.first_call else 0,
+            "first_call_seconds": self.first_call[1] if self.first_call else 0.0,
             # Wall-clock times (epoch seconds), so a sampler outside the job keeps only what it saw meanwhile.
             "first_call_at": self.first_call_at,
             "last_call_at": self.last_call_at,

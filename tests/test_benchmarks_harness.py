@@ -133,3 +133,14 @@ def test_results_section_is_replaced_in_place(tmp_path: Path) -> None:
     assert "second run" in text
     assert "first run" not in text
     assert text.index("before") < text.index(start) < text.index("after")
+
+
+def test_a_sampler_summarises_only_the_samples_taken_in_a_window() -> None:
+    from benchmarks.harness import Sampler
+
+    sampler = Sampler(lambda: 0.0, interval_s=1, enabled=False)
+    sampler.times, sampler.samples = [10.0, 11.0, 12.0, 13.0], [0.0, 90.0, 100.0, 5.0]
+    assert sampler.summary() == {"samples": 4, "mean": 48.75, "max": 100.0}
+    assert sampler.summary(11.0, 12.0) == {"samples": 2, "mean": 95.0, "max": 100.0}
+    empty = sampler.summary(20.0, None)
+    assert empty["samples"] == 0
