@@ -448,7 +448,7 @@ def test_undecodable_texts_get_row_errors_and_every_other_row_is_scored(
     pq.write_table(pa.table({"id": [200, 201], "text": raw, "label": ["pos", "neg"]}), source / "bytes.parquet")
     out = tmp_path / "out"
     args = PipelineArgs(model=ModelConfig(model_id=str(tiny_checkpoint)), input=str(source), output=str(out))
-    result = run(args.model_copy(update={"rows_per_call": 16}))
+    result = run(args.model_copy(update={"rows_per_call": 16, "num_gpus": 0.0}))
     assert (result.rows, result.errors) == (45, 2)
 
     got = read_sorted(out).filter(pc.greater_equal(pc.field("id"), 100))
@@ -557,11 +557,11 @@ def test_a_stage_that_raises_ends_in_one_line_naming_file_and_rows_and_resume_fi
     original = corrupt_row_group(broken, row_group=1, column=1)
     out = tmp_path / "out"
     staging = Path(str(out) + STAGING_SUFFIX)
-    argv = ["batch", str(source), str(out), "--model", str(tiny_checkpoint), "--rows-per-call", "16"]
+    argv = ["batch", str(source), str(out), "--model", str(tiny_checkpoint), "--rows-per-call", "16", "--num-gpus", "0"]
 
     status, last = batch_process(ray_session, argv)
     assert status == 3, last
-    command = f"sentiment batch {source} {out} --model {tiny_checkpoint} --rows-per-call 16 --resume"
+    command = f"sentiment batch {source} {out} --model {tiny_checkpoint} --rows-per-call 16 --num-gpus 0 --resume"
     match = re.fullmatch(
         rf"sentiment batch: error: stage 'read' failed on {broken} rows 32-63: OSError: Corrupt snappy compressed "
         rf"data\.; (\d) of 8 slices are complete and kept in {staging}; fix the cause, then continue with: "
@@ -583,6 +583,7 @@ def test_a_stage_that_raises_ends_in_one_line_naming_file_and_rows_and_resume_fi
             input=str(source),
             output=str(out),
             rows_per_call=16,
+            num_gpus=0,
             resume=True,
         )
     )
@@ -605,7 +606,7 @@ def test_a_full_disk_ends_in_one_line_keeps_the_complete_slices_and_resume_write
     capacity = sum(path.stat().st_size for path in paths) // 2
     out = disk / "out"
     staging = Path(str(out) + STAGING_SUFFIX)
-    argv = ["batch", str(source), str(out), "--model", str(tiny_checkpoint), "--rows-per-call", "8"]
+    argv = ["batch", str(source), str(out), "--model", str(tiny_checkpoint), "--rows-per-call", "8", "--num-gpus", "0"]
 
     status, last = batch_process(ray_session, argv, small_disk=(disk, capacity))
     assert status == 3, last
@@ -659,7 +660,7 @@ def test_on_a_real_full_disk_the_run_ends_in_one_line_and_resumes_once_space_is_
     write_corpus(source, rows=160, files=2, seed=11)  # about 270 KB of output: twice the disk
     out = small_tmpfs / "out"
     staging = Path(str(out) + STAGING_SUFFIX)
-    argv = ["batch", str(source), str(out), "--model", str(tiny_checkpoint), "--rows-per-call", "8"]
+    argv = ["batch", str(source), str(out), "--model", str(tiny_checkpoint), "--rows-per-call", "8", "--num-gpus", "0"]
 
     status, last = batch_process(ray_session, argv)
     assert status == 3, last
@@ -690,7 +691,7 @@ def test_on_a_real_full_disk_the_run_ends_in_one_line_and_resumes_once_space_is_
 def test_gpu_actors_where_torch_sees_no_gpu_fail_the_job_at_start_naming_the_cause(
     ray_session: Any, tmp_path: Path, tiny_checkpoint: Path
 ) -> None:
-    from ray.exceptions import ActorDiedError
+    from pipelines.errors import RunFailedError
 
     if torch.cuda.is_available():
         pytest.skip("torch sees a GPU here: the reserved GPU is usable")
@@ -699,7 +700,7 @@ def test_gpu_actors_where_torch_sees_no_gpu_fail_the_job_at_start_naming_the_cau
     args = PipelineArgs(
         model=ModelConfig(model_id=str(tiny_checkpoint)), input=str(tmp_path / "in"), output=str(tmp_path / "out")
     )
-    with pytest.raises(ActorDiedError) as caught:
+    with pytest.raises(RunFailedError) as caught:
         run(args)
     assert "reserved GPU ids [0] from Ray but torch sees no CUDA device: the installed torch is a CPU build" in str(
         caught.value
