@@ -610,7 +610,7 @@ def test_a_full_disk_ends_in_one_line_keeps_the_complete_slices_and_resume_write
 
     status, last = batch_process(ray_session, argv, small_disk=(disk, capacity))
     assert status == 3, last
-    command = f"sentiment batch {source} {out} --model {tiny_checkpoint} --rows-per-call 8 --resume"
+    command = f"sentiment batch {source} {out} --model {tiny_checkpoint} --rows-per-call 8 --num-gpus 0 --resume"
     match = re.fullmatch(
         rf"sentiment batch: error: writing the results to {staging} failed: OSError: \[Errno 28\] No space left on "
         rf"device; (\d+) of 20 slices are complete and kept in {staging}; free space on the disk of {staging}, then "
@@ -664,7 +664,7 @@ def test_on_a_real_full_disk_the_run_ends_in_one_line_and_resumes_once_space_is_
 
     status, last = batch_process(ray_session, argv)
     assert status == 3, last
-    command = f"sentiment batch {source} {out} --model {tiny_checkpoint} --rows-per-call 8 --resume"
+    command = f"sentiment batch {source} {out} --model {tiny_checkpoint} --rows-per-call 8 --num-gpus 0 --resume"
     match = re.fullmatch(
         rf"sentiment batch: error: writing the results to {staging} failed: OSError: \[Errno 28\] .*No space left on "
         rf"device; (\d+) of 20 slices are complete and kept in {staging}; free space on the disk of {staging}, then "
