@@ -122,7 +122,11 @@ class ModelStage:
         ``tokenize``: take text batches (texts in ``text_column``) and encode them as `TokenizeStage` does, with
         the classifier's own tokenizer."""
         import ray
+        from transformers.utils import logging as transformers_logging
 
+        # Every actor's "Loading weights" bar would reach the driver's terminal, and Ray's summary of the
+        # repeated bars could land after the job's last line; the job's own progress line says how it goes.
+        transformers_logging.disable_progress_bar()
         threads = cpu_threads(threads)
         if tokenize:
             # The Rust tokenizer's threads: as many as the model's, read when it first encodes.

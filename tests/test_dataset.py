@@ -204,7 +204,8 @@ def test_the_scoring_stages_give_texts_that_are_not_utf8_row_errors_in_any_datas
     # A user's own Dataset: a bytes text column, and a string column holding bytes that are not UTF-8.
     raw = pa.table({"id": [1, 2, 3], "review": pa.array([b"a great film", b"\xff bad", None], pa.binary())})
     unchecked = pa.table({"id": [4, 5], "review": invalid_utf8_strings([b"caf\xc3", b"a dull film"])})
-    config = ModelConfig(model_id=str(tiny_checkpoint))
+    # The shared Ray's GPU is logical: a GPU actor runs on the CPU only when told so.
+    config = ModelConfig(model_id=str(tiny_checkpoint), gpu_fallback="cpu")
     args = PipelineArgs(model=config, input="in", output="out", num_gpus=num_gpus, min_actors=1, max_actors=1)
     pool = pool_sizes(args, cluster_gpus=num_gpus, nodes=[NodeShape(8)], calls=2)
     graph = scoring_stages(config, "review", pool, rows_per_call=8)

@@ -424,12 +424,17 @@ def test_each_error_raised_behind_the_routes_answers_its_row_of_the_table(
 
 
 def every_sentiment_error() -> list[type[SentimentError]]:
-    """The core's error classes, and every subclass known here (the serve layer's input errors)."""
+    """The core's error classes, and every subclass the serve layer can raise (its input errors).
+
+    The batch job's errors (``pipelines.errors``) are SentimentErrors too, and are loaded when the batch tests
+    ran first in this process; the routes never see them, so they are left out.
+    """
     found: list[type[SentimentError]] = []
     pending: list[type[SentimentError]] = [SentimentError]
     while pending:
         cls = pending.pop()
-        found.append(cls)
+        if cls.__module__.split(".")[0] in ("sentiment", "deployments"):
+            found.append(cls)
         pending.extend(cls.__subclasses__())
     return found
 
