@@ -140,12 +140,33 @@ def read_footers(files: Sequence[Location]) -> list[ParquetInput]:
 
 
 def parquet_rows(location: Location) -> int | None:
-    """Rows of a complete Parquet file, or None when it is unreadable (e.g. cut short by a crash)."""
+    """Rows of a complete Parquet file, or None when it is unreadable or incomplete (`is_whole`): cut short
+    by a crash, or by a full disk."""
     try:
         with location.filesystem.open_input_file(location.path) as handle:
-            return int(pq.ParquetFile(handle).metadata.num_rows)
+            metadata = pq.ParquetFile(handle).metadata
+            return int(metadata.num_rows) if is_whole(metadata, handle.size()) else None
     except (pa.ArrowInvalid, OSError):
         return None
+
+
+def is_whole(metadata: pq.FileMetaData, size: int) -> bool:
+    """Whether every column chunk the footer lists holds an entry for each row of its row group, within the file.
+
+    A file cut short has no footer; but a write that fails for lack of space can leave one: Arrow's
+    writer still closes the file, and its footer, small enough to fit, lists the column chunks it
+    could not write with no values (measured with pyarrow 26: 8 rows, the ``text`` chunk empty). A
+    leaf column has an entry for every row, null or not, even in nested types.
+    """
+    data_end = size - 8 - metadata.serialized_size
+    for group_index in range(metadata.num_row_groups):
+        group = metadata.row_group(group_index)
+        for column_index in range(group.num_columns):
+            chunk = group.column(column_index)
+            start = chunk.dictionary_page_offset if chunk.has_dictionary_page else chunk.data_page_offset
+            if chunk.num_values < group.num_rows or start + chunk.total_compressed_size > data_end:
+                return False
+    return True
 
 
 def list_files(location: Location) -> list[Location]:

@@ -20,7 +20,8 @@ rewrites the same file name), so a matching count means every row exactly once.
 A run that fails (a stage that raised, a write that found the disk full, a lost worker) leaves its
 staging directory as it is, with the traceback in ``OUTPUT.staging/_error.log`` (`ERROR_LOG`);
 ``--resume`` then keeps the slices that were complete and scores the rest. A partly written file
-has no Parquet footer, so it never counts as complete.
+never counts as complete: it has no Parquet footer, or, where a full disk still left room for one,
+a footer that lists empty column chunks (`files.is_whole`).
 """
 
 from __future__ import annotations
