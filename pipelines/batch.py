@@ -231,14 +231,30 @@ def _score(
 ) -> tuple[float, dict[str, Any]]:
     """Score the pending slices into staging on Ray: the seconds it took, and what the pool resolved to."""
     import ray
+
+    # ONNX Runtime on a torch checkpoint: exported once into the local cache here, not by every actor.
+    prepare_onnx(args.model)
+    connected_here = not ray.is_initialized()
+    if connected_here:
+        ray.init()
+    try:
+        return _score_on_ray(args, plan, state, progress_interval_s)
+    except BaseException:
+        if connected_here:
+            # Let go of the Ray this run connected to (a local Ray it started ends, with its actors), so
+            # that no actor's log line lands after the run's error line.
+            ray.shutdown()
+        raise
+
+
+def _score_on_ray(
+    args: PipelineArgs, plan: InputPlan, state: RunState, progress_interval_s: float
+) -> tuple[float, dict[str, Any]]:
+    import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     from pipelines.stage import ActorLog
 
-    # ONNX Runtime on a torch checkpoint: exported once into the local cache here, not by every actor.
-    prepare_onnx(args.model)
-    if not ray.is_initialized():
-        ray.init()
     calls = model_calls([piece.rows for piece in state.pending], args.rows_per_call)
     pool = cluster_pool(args, calls, actor_bytes(args.model))
     logger.info("model actors: %s", pool.to_dict())

@@ -707,3 +707,5 @@ def test_gpu_actors_where_torch_sees_no_gpu_fail_the_job_at_start_naming_the_cau
     )
     assert "--gpu-fallback cpu" in str(caught.value)
     assert not (tmp_path / "out").exists()
+    # A failed run lets go only of a Ray it connected to itself: the caller's stays up.
+    assert ray_session.is_initialized()
