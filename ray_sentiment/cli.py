@@ -52,11 +52,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"sentiment {args.command}: error:\n{exc}", file=sys.stderr)
         return 2
     except RunFailedError as exc:
-        # The failed run's actors are still logging as Ray tears them down: disconnect first, so that no
-        # line of theirs lands after this one, the run's last.
-        ray = sys.modules.get("ray")
-        if ray is not None and ray.is_initialized():
-            ray.shutdown()
         print(f"sentiment {args.command}: error: {exc}", file=sys.stderr, flush=True)
         return 3
     except SentimentError as exc:

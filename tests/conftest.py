@@ -98,6 +98,17 @@ def ray_session(onnx_cache: Path) -> Iterator[Any]:
     ray.shutdown()
 
 
+@pytest.fixture(autouse=True)
+def _shared_ray_stays_up(request: pytest.FixtureRequest) -> Iterator[None]:
+    """A test that shuts down the shared Ray fails, by name: the next one would start a default Ray (Ray
+    Data starts one by itself) without the logical GPU, where a GPU actor waits for ever."""
+    yield
+    if "ray_session" in request.fixturenames:
+        import ray
+
+        assert ray.is_initialized(), f"{request.node.nodeid} shut down the tests' shared Ray"
+
+
 @pytest.fixture
 def uncapped_cuda() -> Iterator[None]:
     """For GPU tests that cap this process's CUDA memory (a cap holds for the whole process): lifted afterwards."""
