@@ -372,6 +372,7 @@ def wait_for_free_cpus(ray: Any, cpus: float, timeout_s: float, gpus: float = 0)
         time.sleep(0.2)
 
 
+@pytest.mark.e2e
 def test_a_one_file_corpus_killed_midway_resumes_from_its_complete_slices(
     ray_session: Any, tmp_path: Path, tiny_checkpoint: Path, classifier: SentimentClassifier
 ) -> None:
@@ -543,6 +544,7 @@ def batch_process(ray: Any, argv: list[str], small_disk: tuple[Path, int] | None
     return done.returncode, lines[-1] if lines else ""
 
 
+@pytest.mark.e2e
 def test_a_stage_that_raises_ends_in_one_line_naming_file_and_rows_and_resume_finishes(
     ray_session: Any, tmp_path: Path, tiny_checkpoint: Path
 ) -> None:
@@ -595,6 +597,7 @@ def test_a_stage_that_raises_ends_in_one_line_naming_file_and_rows_and_resume_fi
     assert not staging.exists()
 
 
+@pytest.mark.e2e
 def test_a_full_disk_ends_in_one_line_keeps_the_complete_slices_and_resume_writes_every_row_once(
     ray_session: Any, tmp_path: Path, tiny_checkpoint: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -653,6 +656,7 @@ def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(point)], check=False)
 
 
+@pytest.mark.e2e
 def test_on_a_real_full_disk_the_run_ends_in_one_line_and_resumes_once_space_is_freed(
     ray_session: Any, tmp_path: Path, tiny_checkpoint: Path, small_tmpfs: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
