@@ -46,6 +46,9 @@ def head() -> Iterator[str]:
         RAY, "start", "--head", "--block", "--disable-usage-stats",
         "--node-ip-address=127.0.0.1", f"--port={free_port()}", f"--ray-client-server-port={free_port()}",
         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}", "--include-dashboard=true",
+        # Its own agent port: the default (52365) is taken by any other Ray on the machine, such as the tests'
+        # shared one, and a head whose agent cannot listen never takes a job ("No available agent").
+        f"--dashboard-agent-listen-port={free_port()}",
         "--num-cpus=2", "--num-gpus=0", f"--temp-dir={root / 'ray'}",
     ]  # fmt: skip
     log = (root / "head.log").open("w")
