@@ -96,13 +96,15 @@ def train_small_bert(path: Path, train: int, epochs: int, seed: int = 0) -> dict
 
     from sentiment.config import ModelConfig
     from sentiment.encoding import TextEncoder
+    from sentiment.packing import Padder, TokenWindows, WindowBatch
     from sentiment.testing import labelled_reviews, make_checkpoint, vocab
 
     # The tokenizer (and a placeholder model, replaced below) of the test vocab.
     make_checkpoint(path, size="tiny", id2label={0: "neg", 1: "pos"})
     encoder = TextEncoder(ModelConfig(model_id=str(path)))
     texts, labels = labelled_reviews(train, seed=seed)
-    windows = [text.windows[0] for text in encoder.encode(texts)]
+    windows = TokenWindows.from_lists([text.windows[0] for text in encoder.encode(texts)])
+    padder = Padder(encoder.pad_id)
 
     torch.manual_seed(seed)
     config = BertConfig(
@@ -122,11 +124,11 @@ def train_small_bert(path: Path, train: int, epochs: int, seed: int = 0) -> dict
         order = rng.permutation(len(windows))
         total = 0.0
         for start in range(0, len(order), batch_size):
-            batch = [int(i) for i in order[start : start + batch_size]]
-            ids, mask = _padded([windows[i] for i in batch], encoder.pad_id)
+            batch = order[start : start + batch_size]
+            ids, mask = padder.pad(WindowBatch(windows, batch))
             loss = model(
                 input_ids=torch.from_numpy(ids),
-                attention_mask=torch.from_numpy(mask),
+                attention_mask=None if mask is None else torch.from_numpy(mask),
                 labels=torch.tensor([labels[i] for i in batch]),
             ).loss
             optimizer.zero_grad()
@@ -137,16 +139,6 @@ def train_small_bert(path: Path, train: int, epochs: int, seed: int = 0) -> dict
         print(f"  epoch {epoch + 1}/{epochs}: loss {total / len(order):.4f}", flush=True)
     model.eval().save_pretrained(path)
     return {"train_reviews": train, "epochs": epochs, "train_seconds": time.perf_counter() - started}
-
-
-def _padded(windows: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    longest = max(len(window) for window in windows)
-    ids = np.full((len(windows), longest), pad_id, dtype=np.int64)
-    mask = np.zeros((len(windows), longest), dtype=np.int64)
-    for row, window in enumerate(windows):
-        ids[row, : len(window)] = window
-        mask[row, : len(window)] = 1
-    return ids, mask
 
 
 def fidelity(out: Path, train: int, test: int, epochs: int, variants: bool) -> dict[str, Any]:
