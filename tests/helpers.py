@@ -1,5 +1,5 @@
 """What the Serve tests share: app args, deploying, replica states, the ``main`` app's limits, answer checks;
-and, for the batch tests, text columns that hold invalid UTF-8.
+and, for the batch tests, text columns that hold invalid UTF-8 and a `sentiment batch` killed midway.
 
 A helper module, not a test module: test files import from here, never from one another. Generic
 helpers (`sentiment.testing.free_port`, `sentiment.testing.wait_until`) live with the package.
@@ -7,7 +7,13 @@ helpers (`sentiment.testing.free_port`, `sentiment.testing.wait_until`) live wit
 
 from __future__ import annotations
 
+import os
 import random
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -111,3 +117,28 @@ def invalid_utf8_strings(values: list[bytes | None]) -> pa.Array:
     validity = pa.array([value is not None for value in values]).buffers()[1]
     buffers = [validity, pa.array(offsets, pa.int32()).buffers()[1], pa.py_buffer(data)]
     return pa.Array.from_buffers(pa.string(), len(values), buffers, null_count=values.count(None))
+
+
+def kill_batch_when(
+    argv: list[str], env: dict[str, str], log: Path, ready: Callable[[], bool], timeout_s: float, what: str,
+    interval_s: float,
+) -> None:  # fmt: skip
+    """``sentiment batch ARGV`` in a process group of its own, killed (SIGKILL, the whole group: the job and
+    any local Ray it started) once ``ready()`` holds. Fails, with the run's output in ``log``, if the run
+    ends first or ``what`` has not happened within ``timeout_s``."""
+    with log.open("w") as sink:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "ray_sentiment", "batch", *argv],
+            cwd=REPO, env=env, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+        try:
+            deadline = time.monotonic() + timeout_s
+            while not ready():
+                if process.poll() is not None:
+                    pytest.fail(f"the run ended (status {process.returncode}) before it was killed:\n{log.read_text()}")
+                if time.monotonic() > deadline:
+                    pytest.fail(f"{what} after {timeout_s:.0f} s:\n{log.read_text()[-3000:]}")
+                time.sleep(interval_s)
+        finally:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=60)

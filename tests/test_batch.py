@@ -12,7 +12,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -34,7 +33,7 @@ from ray_sentiment.cli import main
 from sentiment.config import ModelConfig
 from sentiment.model import SentimentClassifier
 from sentiment.testing import write_corpus
-from tests.helpers import invalid_utf8_strings
+from tests.helpers import invalid_utf8_strings, kill_batch_when
 
 REPO = Path(__file__).resolve().parents[1]
 OUTPUT_COLUMNS = [
@@ -385,27 +384,15 @@ def test_a_one_file_corpus_killed_midway_resumes_from_its_complete_slices(
     flags = ["--model", str(tiny_checkpoint), "--rows-per-call", str(rows_per_slice), "--forward-max-inputs", "1"]
     flags += LOGICAL_GPU_FLAGS
     env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
-    log = tmp_path / "killed-run.log"
-    with log.open("w") as sink:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "ray_sentiment", "batch", str(tmp_path / "in"), str(out), *flags],
-            cwd=REPO,
-            env=env,
-            stdout=sink,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        try:
-            deadline = time.monotonic() + 180
-            while complete_slices(staging, rows_per_slice) < 3:
-                if process.poll() is not None:
-                    pytest.fail(f"the run ended (status {process.returncode}) before it was killed:\n{log.read_text()}")
-                if time.monotonic() > deadline:
-                    pytest.fail(f"fewer than 3 slices were complete after 180 s:\n{log.read_text()}")
-                time.sleep(0.05)
-        finally:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=60)
+    kill_batch_when(
+        [str(tmp_path / "in"), str(out), *flags],
+        env,
+        tmp_path / "killed-run.log",
+        lambda: complete_slices(staging, rows_per_slice) >= 3,
+        timeout_s=180,
+        what="fewer than 3 slices were complete",
+        interval_s=0.05,
+    )
     wait_for_free_cpus(ray_session, 8, timeout_s=60)
     assert not out.exists()
     done_before = complete_slices(staging, rows_per_slice)
@@ -544,6 +531,29 @@ def batch_process(ray: Any, argv: list[str], small_disk: tuple[Path, int] | None
     return done.returncode, lines[-1] if lines else ""
 
 
+def full_disk_slices(last: str, staging: Path, resume: str, disk: Path, detail: str = "") -> int:
+    """The one line a run that filled ``disk`` ends with, checked whole: the slices it kept complete (returned).
+
+    ``detail``: a pattern for what Arrow says between ``[Errno 28]`` and ``No space left on device``. The
+    traceback's file is read, and removed where the full disk could not take it.
+    """
+    match = re.fullmatch(
+        rf"sentiment batch: error: writing the results to {staging} failed: OSError: \[Errno 28\] {detail}No space "
+        rf"left on device; (\d+) of 20 slices are complete and kept in {staging}; free space on the disk of {staging}, "
+        rf"then continue with: {re.escape(resume)}; traceback in (\S+)",
+        last,
+    )
+    assert match, last
+    done = int(match.group(1))
+    assert 0 < done < 20
+    # The staging disk is full: the traceback goes to a temporary file, unless it still fits there.
+    log = Path(match.group(2))
+    assert "No space left on device" in log.read_text()
+    if not is_within(str(log), str(disk)):
+        log.unlink()
+    return done
+
+
 @pytest.mark.e2e
 def test_a_stage_that_raises_ends_in_one_line_naming_file_and_rows_and_resume_finishes(
     ray_session: Any, tmp_path: Path, tiny_checkpoint: Path
@@ -614,20 +624,7 @@ def test_a_full_disk_ends_in_one_line_keeps_the_complete_slices_and_resume_write
     status, last = batch_process(ray_session, argv, small_disk=(disk, capacity))
     assert status == 3, last
     command = f"sentiment batch {source} {out} --model {tiny_checkpoint} --rows-per-call 8 --num-gpus 0 --resume"
-    match = re.fullmatch(
-        rf"sentiment batch: error: writing the results to {staging} failed: OSError: \[Errno 28\] No space left on "
-        rf"device; (\d+) of 20 slices are complete and kept in {staging}; free space on the disk of {staging}, then "
-        rf"continue with: {re.escape(command)}; traceback in (\S+)",
-        last,
-    )
-    assert match, last
-    done = int(match.group(1))
-    assert 0 < done < 20
-    # The staging disk is full: the traceback goes to a temporary file, unless it still fits there.
-    log = Path(match.group(2))
-    assert "No space left on device" in log.read_text()
-    if not is_within(str(log), str(disk)):
-        log.unlink()
+    done = full_disk_slices(last, staging, command, disk)
 
     # Space freed (the same directory, on a disk with room): the command the line gave.
     wait_for_free_cpus(ray_session, 8, timeout_s=60, gpus=1)
@@ -669,19 +666,7 @@ def test_on_a_real_full_disk_the_run_ends_in_one_line_and_resumes_once_space_is_
     status, last = batch_process(ray_session, argv)
     assert status == 3, last
     command = f"sentiment batch {source} {out} --model {tiny_checkpoint} --rows-per-call 8 --num-gpus 0 --resume"
-    match = re.fullmatch(
-        rf"sentiment batch: error: writing the results to {staging} failed: OSError: \[Errno 28\] .*No space left on "
-        rf"device; (\d+) of 20 slices are complete and kept in {staging}; free space on the disk of {staging}, then "
-        rf"continue with: {re.escape(command)}; traceback in (\S+)",
-        last,
-    )
-    assert match, last
-    done = int(match.group(1))
-    assert 0 < done < 20
-    log = Path(match.group(2))
-    assert "No space left on device" in log.read_text()
-    if not is_within(str(log), str(small_tmpfs)):
-        log.unlink()
+    done = full_disk_slices(last, staging, command, small_tmpfs, detail=".*")
 
     subprocess.run(["mount", "-o", "remount,size=64m", "tmpfs", str(small_tmpfs)], check=True)  # space freed
     wait_for_free_cpus(ray_session, 8, timeout_s=60, gpus=1)

@@ -13,7 +13,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ import pytest
 import pipelines
 from sentiment.model import SentimentClassifier
 from sentiment.testing import free_port, wait_until, write_corpus
+from tests.helpers import kill_batch_when
 
 pytestmark = pytest.mark.e2e
 
@@ -170,24 +170,15 @@ def test_a_killed_batch_job_on_s3_resumes_with_every_row_exactly_once(
     # Small slices and one text per forward pass: a run long enough to kill midway.
     flags = ["--model", str(tiny_checkpoint), "--rows-per-call", str(rows_per_slice), "--forward-max-inputs", "1"]
     env = job_env(s3)
-    log = tmp_path / "killed.log"
-    with log.open("w") as sink:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "ray_sentiment", "batch", f"s3://{BUCKET}/long/", output, *flags],
-            cwd=REPO, env=env, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
-        try:
-            deadline = time.monotonic() + 240
-            while len([key for key in s3.keys(staging) if key.endswith(".parquet")]) < 3:
-                if process.poll() is not None:
-                    pytest.fail(f"the run ended (status {process.returncode}) before it was killed:\n{log.read_text()}")
-                if time.monotonic() > deadline:
-                    pytest.fail(f"fewer than 3 slices were staged after 240 s:\n{log.read_text()[-3000:]}")
-                time.sleep(0.2)
-        finally:
-            # The whole process group: the job, and the local Ray it started.
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=60)
+    kill_batch_when(
+        [f"s3://{BUCKET}/long/", output, *flags],
+        env,
+        tmp_path / "killed.log",
+        lambda: len([key for key in s3.keys(staging) if key.endswith(".parquet")]) >= 3,
+        timeout_s=240,
+        what="fewer than 3 slices were staged",
+        interval_s=0.2,
+    )
     assert not s3.keys("long-scored/")
 
     resumed = sentiment(s3, "batch", f"s3://{BUCKET}/long/", output, *flags, "--resume", timeout_s=600)
